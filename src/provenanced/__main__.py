@@ -1,0 +1,5 @@
+"""Allow ``python -m provenanced``."""
+
+from provenanced.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The one exception hierarchy; each error carries the exit code the CLI uses for it."""
+
+from typing import ClassVar
+
+
+class ProvenancedError(Exception):
+    """Base of every error the CLI turns into one stderr line and an exit code."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class UsageError(ProvenancedError):
+    """The command line or its arguments are wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(ProvenancedError):
+    """The configuration file or environment is invalid."""
+
+    exit_code = 2
+
+
+class ManagerUnreachableError(ProvenancedError):
+    """The user manager cannot be reached on any transport."""
+
+    exit_code = 3
+
+
+class ManagerCallError(ProvenancedError):
+    """A D-Bus call to the manager failed or timed out."""
+
+    exit_code = 3
+
+
+class StateError(ProvenancedError):
+    """The state directory (baseline, quarantine) cannot be read or written."""
+
+    exit_code = 2

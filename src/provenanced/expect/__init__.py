@@ -1,0 +1,1 @@
+"""Sources of expected state: Home Manager, managed roots, the accepted baseline."""

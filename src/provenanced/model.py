@@ -1,0 +1,232 @@
+"""Plain immutable values shared by the core and the adapters: units, files, expectations, findings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Literal, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Tier(StrEnum):
+    """Which kind of unit directory a path lives in (informational, from the manager's UnitPath)."""
+
+    CONTROL = "control"
+    TRANSIENT = "transient"
+    GENERATOR = "generator"
+    CONFIG = "config"
+    ADMIN = "admin"
+    RUNTIME = "runtime"
+    DATA = "data"
+    VENDOR = "vendor"
+    CUSTOM = "custom"
+
+
+class FileKind(StrEnum):
+    """What ``lstat`` says a path is."""
+
+    FILE = "file"
+    SYMLINK = "symlink"
+    DIRECTORY = "directory"
+    OTHER = "other"
+    MISSING = "missing"
+
+
+class Owner(StrEnum):
+    """Who vouches for a file being what it is."""
+
+    HOME_MANAGER = "home-manager"
+    MANAGED_ROOT = "managed-root"
+    BASELINE = "baseline"
+    SYSTEM = "system"
+    NONE = "none"
+
+
+class FindingKind(StrEnum):
+    """The drift kinds; stable identifiers used in JSON, metric labels and journald."""
+
+    LINK_REPLACED = "link-replaced"
+    LINK_RETARGETED = "link-retargeted"
+    LINK_DANGLING = "link-dangling"
+    MANAGED_MISSING = "managed-missing"
+    ORPHAN_LINK = "orphan-link"
+    UNMANAGED_UNIT = "unmanaged-unit"
+    UNMANAGED_DROPIN = "unmanaged-dropin"
+    SHADOWED = "shadowed"
+    MASKED = "masked"
+    STALE_LOAD = "stale-load"
+    LOAD_ERROR = "load-error"
+    JOB_UNVERIFIED = "job-unverified"
+    FOREIGN_OWNER = "foreign-owner"
+    UNSAFE_MODE = "unsafe-mode"
+
+
+Severity = Literal["critical", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
+
+
+def frozen_map(items: Mapping[K, V] | None = None) -> Mapping[K, V]:
+    """A read-only view of a private copy, so frozen values stay frozen."""
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRecord:
+    """What the manager says about one loaded unit."""
+
+    name: str
+    load_state: str = "loaded"
+    active_state: str = "inactive"
+    sub_state: str = "dead"
+    fragment_path: str = ""
+    dropin_paths: tuple[str, ...] = ()
+    source_path: str = ""
+    need_daemon_reload: bool = False
+    unit_file_state: str = ""
+    invocation_id: str = ""
+
+    @property
+    def definition_paths(self) -> tuple[str, ...]:
+        """The fragment followed by its drop-ins: the files that define the unit."""
+        return ((self.fragment_path,) if self.fragment_path else ()) + self.dropin_paths
+
+
+@dataclass(frozen=True, slots=True)
+class FileFact:
+    """What one path is on disk, read without following it for the link itself."""
+
+    path: str
+    kind: FileKind
+    target: str | None = None
+    resolved: str | None = None
+    uid: int | None = None
+    mode: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+    mtime_ns: int | None = None
+    inode: int | None = None
+    error: str | None = None
+
+    @property
+    def dangling(self) -> bool:
+        """A symlink whose target does not exist (or cannot be resolved)."""
+        return self.kind is FileKind.SYMLINK and self.resolved is None
+
+    @property
+    def masked(self) -> bool:
+        """A link to /dev/null or an empty file, which systemd reads as masked."""
+        if self.kind is FileKind.SYMLINK:
+            return self.resolved == "/dev/null" or (self.resolved is not None and self.size == 0)
+        return self.kind is FileKind.FILE and self.size == 0
+
+
+@dataclass(frozen=True, slots=True)
+class UnitDir:
+    """One directory of the manager's UnitPath, in priority order (0 is highest)."""
+
+    path: str
+    tier: Tier
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedLink:
+    """A path Home Manager's current generation places as a symlink.
+
+    ``target`` is what the link should read (``<home-files>/<relative path>``); ``resolved`` and
+    ``sha256`` describe the content that target holds.
+    """
+
+    path: str
+    target: str
+    resolved: str | None
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineEntry:
+    """What a path was when the baseline was accepted."""
+
+    path: str
+    kind: FileKind
+    target: str | None
+    resolved: str | None
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Expectations:
+    """Everything that vouches for files: Home Manager, managed roots, the accepted baseline."""
+
+    managed_roots: tuple[str, ...] = ("/nix/store",)
+    home_manager_generation: str | None = None
+    home_manager_files: str | None = None
+    home_manager_links: Mapping[str, ExpectedLink] = field(default_factory=frozen_map)
+    baseline: Mapping[str, BaselineEntry] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One consistent look at the manager and the files behind its units."""
+
+    units: Mapping[str, UnitRecord]
+    facts: Mapping[str, FileFact]
+    unit_dirs: tuple[UnitDir, ...]
+    uid: int
+    scanned_files: tuple[str, ...] = ()
+    loaded_hashes: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One drift: identity is ``(kind, unit, path)``."""
+
+    kind: FindingKind
+    unit: str
+    path: str
+    severity: Severity
+    detail: str
+    since: float = 0.0
+
+    @property
+    def key(self) -> tuple[FindingKind, str, str]:
+        """The identity that transitions are tracked by."""
+        return (self.kind, self.unit, self.path)
+
+    def to_json(self) -> dict[str, str]:
+        """The stable JSON shape of ``audit --json`` and ``/api/v1/findings``."""
+        return {
+            "kind": self.kind.value,
+            "unit": self.unit,
+            "path": self.path,
+            "severity": self.severity,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A finding that opened (``detected``) or closed (``resolved``)."""
+
+    finding: Finding
+    state: Literal["detected", "resolved"]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatus:
+    """What the daemon publishes for the sinks: one immutable value, swapped whole."""
+
+    findings: tuple[Finding, ...] = ()
+    units_by_load_state: Mapping[str, int] = field(default_factory=frozen_map)
+    manager_connected: bool = False
+    transport: str = ""
+    ready: bool = False
+    stale: bool = False
+    degraded: bool = False
+    inotify_watches: int = 0
+    last_full_resync: float = 0.0
+    units_audited: int = 0

@@ -1,0 +1,1 @@
+"""Adapters that talk to the user manager over D-Bus."""
