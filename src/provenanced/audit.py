@@ -1,0 +1,431 @@
+"""The pure provenance core: an observation plus expectations in, findings out."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from provenanced.model import (
+    BaselineEntry,
+    Expectations,
+    ExpectedLink,
+    FileFact,
+    FileKind,
+    Finding,
+    FindingKind,
+    Observation,
+    Owner,
+    Severity,
+    UnitDir,
+    UnitRecord,
+)
+from provenanced.unitpath import AUDITED_TIERS, SYSTEM_TIERS, USER_TIERS, Location, locate
+
+K = FindingKind
+
+SEVERITY: Mapping[FindingKind, Severity] = {
+    K.LINK_REPLACED: "warning",
+    K.LINK_RETARGETED: "warning",
+    K.LINK_DANGLING: "critical",
+    K.MANAGED_MISSING: "warning",
+    K.ORPHAN_LINK: "warning",
+    K.UNMANAGED_UNIT: "warning",
+    K.UNMANAGED_DROPIN: "warning",
+    K.SHADOWED: "warning",
+    K.MASKED: "warning",
+    K.STALE_LOAD: "warning",
+    K.LOAD_ERROR: "critical",
+    K.JOB_UNVERIFIED: "critical",
+    K.FOREIGN_OWNER: "critical",
+    K.UNSAFE_MODE: "critical",
+}
+
+# When one path yields several of these, only the most specific is reported.
+_SUBSUMES: Mapping[FindingKind, frozenset[FindingKind]] = {
+    K.MASKED: frozenset({K.SHADOWED, K.UNMANAGED_UNIT, K.UNMANAGED_DROPIN, K.LINK_RETARGETED}),
+    K.SHADOWED: frozenset({K.UNMANAGED_UNIT}),
+}
+
+_HM_FILES_SUFFIX = "-home-manager-files"
+_LOAD_ERRORS = frozenset({"error", "bad-setting"})
+
+
+def _finding(kind: FindingKind, unit: str, path: str, detail: str) -> Finding:
+    severity = SEVERITY[kind]
+    if kind is K.LINK_REPLACED and detail.startswith("divergent"):
+        severity = "critical"
+    return Finding(kind, unit, path, severity, detail)
+
+
+def is_under(path: str | None, roots: Iterable[str]) -> bool:
+    """Whether a resolved path lies inside one of the roots."""
+    if not path:
+        return False
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def home_manager_files_dir(target: str | None) -> str | None:
+    """The ``…-home-manager-files`` store directory a link target points into, if any."""
+    if not target:
+        return None
+    parts = target.split("/")
+    for index, part in enumerate(parts):
+        if part.endswith(_HM_FILES_SUFFIX):
+            return "/".join(parts[: index + 1])
+    return None
+
+
+def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
+    """A hash of what defines a unit: each fragment/drop-in path with its content hash."""
+    digest = hashlib.sha256()
+    for path in unit.definition_paths:
+        fact = facts.get(path)
+        digest.update(f"{path}\0{fact.sha256 if fact else ''}\0".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """Indexes built once per audit."""
+
+    obs: Observation
+    exp: Expectations
+    dirs: Mapping[str, UnitDir]
+    expected_units: frozenset[str]
+
+    def fact(self, path: str) -> FileFact:
+        return self.obs.facts.get(path) or FileFact(path, FileKind.MISSING)
+
+    def locate(self, path: str) -> Location | None:
+        return locate(path, self.dirs)
+
+
+def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = False) -> Owner:
+    """Who vouches for a file being what it is now (``NONE`` when nobody does)."""
+    if tier_is_system:
+        return Owner.SYSTEM
+    expected = exp.home_manager_links.get(path)
+    if expected is not None and fact.kind is FileKind.SYMLINK and _matches(fact, expected):
+        return Owner.HOME_MANAGER
+    if fact.kind is FileKind.SYMLINK and not fact.dangling and is_under(fact.resolved, exp.managed_roots):
+        hm_dir = home_manager_files_dir(fact.target)
+        if hm_dir is None or hm_dir == exp.home_manager_files:
+            return Owner.MANAGED_ROOT
+    base = exp.baseline.get(path)
+    if base is not None and _same_as_baseline(fact, base):
+        return Owner.BASELINE
+    return Owner.NONE
+
+
+def _matches(fact: FileFact, expected: ExpectedLink) -> bool:
+    # A link through an older generation's files resolves to the same store file but is orphaned.
+    return fact.target == expected.target or (
+        home_manager_files_dir(fact.target) is None
+        and fact.resolved is not None
+        and fact.resolved == expected.resolved
+    )
+
+
+def _same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
+    if fact.kind is not base.kind:
+        return False
+    if fact.kind is FileKind.SYMLINK:
+        return fact.target == base.target
+    return fact.sha256 == base.sha256
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "-"
+
+
+def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
+    expected = ctx.exp.home_manager_links.get(path)
+    if expected is not None:
+        yield _finding(
+            K.MANAGED_MISSING, unit, path,
+            f"Home Manager's current generation links this path to {expected.target}; it is absent",
+        )
+        return
+    base = ctx.exp.baseline.get(path)
+    if base is not None and base.kind is FileKind.SYMLINK and is_under(base.resolved, ctx.exp.managed_roots):
+        yield _finding(
+            K.MANAGED_MISSING, unit, path,
+            f"the accepted baseline had a managed link here to {base.target}; it is absent",
+        )
+
+
+def _check_owner_and_mode(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
+    unit = loc.unit
+    if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != ctx.obs.uid:
+        what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
+        yield _finding(
+            K.FOREIGN_OWNER, unit, path,
+            f"{what} is owned by uid {fact.uid}, not by the manager's user (uid {ctx.obs.uid})",
+        )
+    if fact.mode is not None and fact.mode & 0o022 and fact.kind in (FileKind.FILE, FileKind.SYMLINK):
+        who = "others" if fact.mode & 0o002 else "the group"
+        via = " (the link's target)" if fact.kind is FileKind.SYMLINK else ""
+        yield _finding(
+            K.UNSAFE_MODE, unit, path,
+            f"mode {fact.mode:04o}{via} lets {who} rewrite this unit definition",
+        )
+
+
+def _check_expected(ctx: _Context, unit: str, path: str, fact: FileFact, expected: ExpectedLink) -> Iterator[Finding]:
+    if fact.masked:
+        yield _finding(K.MASKED, unit, path, "masked here, but Home Manager's current generation provides it")
+    elif fact.kind is FileKind.FILE:
+        state = "latent" if fact.sha256 and fact.sha256 == expected.sha256 else "divergent"
+        what = "same content as" if state == "latent" else "different content from"
+        yield _finding(
+            K.LINK_REPLACED, unit, path,
+            f"{state}: a regular file with {what} the managed target {expected.target} "
+            f"(sha256 {_short(fact.sha256)}, expected {_short(expected.sha256)})",
+        )
+    elif fact.kind is FileKind.SYMLINK:
+        if fact.dangling:
+            yield _finding(K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist")
+        elif _matches(fact, expected):
+            return
+        elif (hm_dir := home_manager_files_dir(fact.target)) and hm_dir != ctx.exp.home_manager_files:
+            yield _finding(
+                K.ORPHAN_LINK, unit, path,
+                f"points into {hm_dir}, not the current generation's {ctx.exp.home_manager_files}",
+            )
+        else:
+            yield _finding(
+                K.LINK_RETARGETED, unit, path,
+                f"resolves to {fact.resolved}, but Home Manager links it to {expected.target}",
+            )
+    else:
+        yield _finding(K.LINK_REPLACED, unit, path, f"divergent: a {fact.kind.value} where a managed link belongs")
+
+
+def _unmanaged_kind(loc: Location) -> FindingKind:
+    return K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT
+
+
+def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
+    unit = loc.unit
+    base = ctx.exp.baseline.get(path)
+    if fact.masked and (unit in ctx.expected_units or (base is not None and not _base_masked(base))):
+        yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
+        return
+    if fact.kind is FileKind.SYMLINK:
+        yield from _check_unexpected_link(ctx, loc, path, fact, base)
+    elif base is not None and _same_as_baseline(fact, base):
+        return
+    elif fact.kind is FileKind.FILE:
+        if base is not None and base.kind is FileKind.SYMLINK and is_under(base.resolved, ctx.exp.managed_roots):
+            state = "latent" if fact.sha256 and fact.sha256 == base.sha256 else "divergent"
+            yield _finding(
+                K.LINK_REPLACED, unit, path,
+                f"{state}: a regular file where the accepted baseline had a managed link to {base.target}",
+            )
+        elif base is not None:
+            yield _finding(
+                _unmanaged_kind(loc), unit, path,
+                f"content changed since the accepted baseline (sha256 {_short(base.sha256)} → {_short(fact.sha256)})",
+            )
+        else:
+            yield _finding(
+                _unmanaged_kind(loc), unit, path,
+                f"a {loc.unit_dir.tier.value}-tier file that neither Home Manager, a managed root "
+                "nor the accepted baseline vouches for",
+            )
+
+
+def _base_masked(base: BaselineEntry) -> bool:
+    return base.resolved == "/dev/null"
+
+
+def _check_unexpected_link(
+    ctx: _Context, loc: Location, path: str, fact: FileFact, base: BaselineEntry | None
+) -> Iterator[Finding]:
+    unit = loc.unit
+    vouched = base is not None and _same_as_baseline(fact, base)
+    if fact.dangling and not vouched:
+        yield _finding(K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist")
+        return
+    hm_dir = home_manager_files_dir(fact.target)
+    if hm_dir is not None and hm_dir != ctx.exp.home_manager_files:
+        current = ctx.exp.home_manager_files or "no current generation"
+        yield _finding(
+            K.ORPHAN_LINK, unit, path,
+            f"points into {hm_dir}, which is not the current Home Manager generation ({current})",
+        )
+        return
+    if vouched or fact.dangling or is_under(fact.resolved, ctx.exp.managed_roots):
+        return
+    if base is not None and base.kind is FileKind.SYMLINK:
+        yield _finding(
+            K.LINK_RETARGETED, unit, path,
+            f"resolves to {fact.resolved}, outside the managed roots; the accepted baseline had {base.target}",
+        )
+        return
+    yield _finding(
+        _unmanaged_kind(loc), unit, path,
+        f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it",
+    )
+
+
+def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Finding]:
+    loc = ctx.locate(path)
+    if loc is None or loc.unit_dir.tier not in AUDITED_TIERS:
+        return
+    unit = unit_hint or loc.unit
+    fact = ctx.fact(path)
+    if fact.kind is FileKind.MISSING:
+        yield from _check_missing(ctx, path, unit)
+        return
+    yield from _check_owner_and_mode(ctx, loc, path, fact)
+    expected = ctx.exp.home_manager_links.get(path)
+    if expected is not None:
+        yield from _check_expected(ctx, unit, path, fact, expected)
+    elif fact.kind is not FileKind.DIRECTORY:
+        yield from _check_unexpected(ctx, loc, path, fact)
+
+
+def _expected_fragments(ctx: _Context) -> Mapping[str, list[str]]:
+    result: dict[str, list[str]] = {}
+    for path in ctx.exp.home_manager_links:
+        loc = ctx.locate(path)
+        if loc is not None and loc.is_fragment:
+            result.setdefault(loc.unit, []).append(path)
+    return result
+
+
+def _check_unit(ctx: _Context, unit: UnitRecord, fragments: Mapping[str, list[str]]) -> Iterator[Finding]:
+    name, fragment = unit.name, unit.fragment_path
+    if unit.need_daemon_reload:
+        yield _finding(
+            K.STALE_LOAD, name, fragment,
+            "NeedDaemonReload=yes: the files on disk changed since the manager loaded this unit",
+        )
+    elif ctx.obs.loaded_hashes is not None and name in ctx.obs.loaded_hashes:
+        if definition_hash(unit, ctx.obs.facts) != ctx.obs.loaded_hashes[name]:
+            yield _finding(
+                K.STALE_LOAD, name, fragment,
+                "the definition on disk differs from the one loaded at the last reload "
+                "(systemd's mtime check does not see it)",
+            )
+    expected_paths = fragments.get(name, [])
+    if unit.load_state in _LOAD_ERRORS or (unit.load_state == "not-found" and name in ctx.expected_units):
+        where = fragment or (expected_paths[0] if expected_paths else "")
+        yield _finding(K.LOAD_ERROR, name, where, f"LoadState={unit.load_state}: the manager could not load it")
+    if unit.load_state == "masked" and name in ctx.expected_units:
+        yield _finding(K.MASKED, name, fragment, "the unit is masked while Home Manager provides it")
+    if fragment and expected_paths and fragment not in expected_paths:
+        yield from _check_shadowed(ctx, unit, expected_paths)
+
+
+def _check_shadowed(ctx: _Context, unit: UnitRecord, expected_paths: list[str]) -> Iterator[Finding]:
+    here = ctx.locate(unit.fragment_path)
+    for path in expected_paths:
+        there = ctx.locate(path)
+        present = ctx.fact(path).kind is not FileKind.MISSING
+        if present and here is not None and there is not None and here.unit_dir.priority < there.unit_dir.priority:
+            yield _finding(
+                K.SHADOWED, unit.name, unit.fragment_path,
+                f"this {here.unit_dir.tier.value}-tier fragment overrides the managed one at {path}",
+            )
+            return
+
+
+def _audited_paths(ctx: _Context) -> dict[str, str | None]:
+    """Every path to check, with the loaded unit it belongs to when the manager named it."""
+    paths: dict[str, str | None] = {}
+    for path in (*ctx.obs.scanned_files, *ctx.exp.home_manager_links, *ctx.exp.baseline):
+        paths.setdefault(path, None)
+    for unit in ctx.obs.units.values():
+        for path in unit.definition_paths:
+            if paths.get(path) is None:
+                paths[path] = unit.name
+    return paths
+
+
+def _drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
+    unique = {f.key: f for f in findings}
+    by_path: dict[tuple[str, str], set[FindingKind]] = {}
+    for kind, unit, path in unique:
+        by_path.setdefault((unit, path), set()).add(kind)
+    kept = []
+    for finding in unique.values():
+        kinds = by_path[(finding.unit, finding.path)]
+        if not any(finding.kind in _SUBSUMES.get(other, frozenset()) for other in kinds):
+            kept.append(finding)
+    return tuple(sorted(kept, key=lambda f: (f.unit, f.kind.value, f.path)))
+
+
+def audit(obs: Observation, exp: Expectations) -> tuple[Finding, ...]:
+    """Every drift in one observation, judged against what is expected; sorted, no duplicates."""
+    dirs = {d.path: d for d in obs.unit_dirs}
+    hm_units = {loc.unit for p in exp.home_manager_links if (loc := locate(p, dirs)) is not None}
+    ctx = _Context(obs, exp, dirs, frozenset(hm_units))
+    findings: list[Finding] = []
+    for path, unit_name in _audited_paths(ctx).items():
+        findings.extend(_check_path(ctx, path, unit_name))
+    fragments = _expected_fragments(ctx)
+    for unit in obs.units.values():
+        findings.extend(_check_unit(ctx, unit, fragments))
+    return _drop_subsumed(findings)
+
+
+@dataclass(frozen=True, slots=True)
+class FileProvenance:
+    """Where one file of a unit's definition comes from (a row of ``provenanced show``)."""
+
+    path: str
+    tier: str
+    kind: str
+    target: str | None
+    owner: Owner
+    sha256: str | None
+
+    def to_json(self) -> dict[str, str | None]:
+        """The ``show --json`` shape of one file."""
+        return {
+            "path": self.path, "tier": self.tier, "kind": self.kind,
+            "target": self.target, "owner": self.owner.value, "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UnitProvenance:
+    """A unit with its fragment and drop-ins in priority order."""
+
+    unit: str
+    load_state: str
+    need_daemon_reload: bool
+    fragment: FileProvenance | None
+    dropins: tuple[FileProvenance, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """The ``show --json`` shape of one unit."""
+        return {
+            "unit": self.unit,
+            "load_state": self.load_state,
+            "need_daemon_reload": self.need_daemon_reload,
+            "fragment": self.fragment.to_json() if self.fragment else None,
+            "dropins": [d.to_json() for d in self.dropins],
+        }
+
+
+def _describe_file(path: str, obs: Observation, exp: Expectations, dirs: Mapping[str, UnitDir]) -> FileProvenance:
+    fact = obs.facts.get(path) or FileFact(path, FileKind.MISSING)
+    loc = locate(path, dirs)
+    tier = loc.unit_dir.tier if loc else None
+    kind = "masked" if fact.masked or path == "/dev/null" else fact.kind.value
+    owner = vouch(path, fact, exp, tier_is_system=tier in SYSTEM_TIERS)
+    return FileProvenance(
+        path, tier.value if tier else "custom", kind, fact.target, owner, fact.sha256
+    )
+
+
+def describe(unit: UnitRecord, obs: Observation, exp: Expectations) -> UnitProvenance:
+    """Where each piece of one unit's definition comes from."""
+    dirs = {d.path: d for d in obs.unit_dirs}
+    fragment = _describe_file(unit.fragment_path, obs, exp, dirs) if unit.fragment_path else None
+    dropins = tuple(_describe_file(p, obs, exp, dirs) for p in unit.dropin_paths)
+    return UnitProvenance(unit.name, unit.load_state, unit.need_daemon_reload, fragment, dropins)

@@ -1,0 +1,195 @@
+"""The ``provenanced`` command line: the only place that prints errors and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from provenanced import __version__
+from provenanced.audit import audit, describe
+from provenanced.config import Settings, load_settings
+from provenanced.errors import ProvenancedError
+from provenanced.expect import baseline
+from provenanced.model import Finding
+from provenanced.observe import Observer, baseline_facts, matches, user_dirs
+from provenanced.systemd.bus import ManagerConnection, resolve_address
+
+EXIT_OK, EXIT_FINDINGS = 0, 1
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+async def _connect(settings: Settings) -> ManagerConnection:
+    transport = resolve_address(settings.manager.bus_address, os.environ)
+    return await ManagerConnection.connect(
+        transport, timeout=settings.manager.call_timeout, max_in_flight=settings.manager.max_in_flight
+    )
+
+
+def _observer(settings: Settings, conn: ManagerConnection) -> Observer:
+    return Observer(
+        conn,
+        user_dirs(os.environ),
+        settings.provenance.managed_roots,
+        read_home_manager=settings.provenance.home_manager,
+    )
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, str(row[-1])]))
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    started = time.monotonic()
+    conn = await _connect(settings)
+    try:
+        observer = _observer(settings, conn)
+        obs, generation = await observer.observe()
+    finally:
+        await conn.close()
+    state_dir = settings.resolved_state_dir(os.environ)
+    accepted = baseline.load_baseline(state_dir)
+    if accepted is None:
+        # First use: what is there now is what the user accepts, so later changes stand out.
+        accepted = baseline.entries_from_facts(baseline_facts(obs))
+        path = baseline.save_baseline(state_dir, accepted)
+        print(f"provenanced: recorded a first baseline of {len(accepted)} files in {path}", file=sys.stderr)
+    findings = [f for f in audit(obs, observer.expectations(generation, accepted)) if matches(f.unit, args.patterns)]
+    units = sum(1 for name in obs.units if matches(name, args.patterns))
+    duration = time.monotonic() - started
+    if args.json:
+        document = {"units": units, "findings": [f.to_json() for f in findings], "duration_seconds": duration}
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        _print_findings(findings, units, duration)
+    return EXIT_FINDINGS if findings else EXIT_OK
+
+
+def _print_findings(findings: Sequence[Finding], units: int, duration: float) -> None:
+    if findings:
+        rows = [(f.unit, f.kind.value, f.severity, f.path, f.detail) for f in findings]
+        _print_table(rows, ("UNIT", "KIND", "SEVERITY", "PATH", "DETAIL"))
+        print()
+    print(f"{len(findings)} findings in {units} units ({duration:.2f} s)")
+
+
+async def _show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    conn = await _connect(settings)
+    try:
+        observer = _observer(settings, conn)
+        obs, generation = await observer.observe(patterns=args.units, load=args.units)
+    finally:
+        await conn.close()
+    accepted = baseline.load_baseline(settings.resolved_state_dir(os.environ))
+    exp = observer.expectations(generation, accepted)
+    shown = [describe(obs.units[name], obs, exp) for name in args.units if name in obs.units]
+    if args.json:
+        print(json.dumps([u.to_json() for u in shown], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for index, unit in enumerate(shown):
+        if index:
+            print()
+        reload = "yes" if unit.need_daemon_reload else "no"
+        print(f"{unit.unit}  LoadState={unit.load_state}  NeedDaemonReload={reload}")
+        rows = [
+            (role, f.tier, f.kind, f.owner.value, (f.sha256 or "-")[:12], f.path + (f" -> {f.target}" if f.target else ""))
+            for role, f in [("fragment", unit.fragment)] + [("drop-in", d) for d in unit.dropins]
+            if f is not None
+        ]
+        if rows:
+            _print_table(rows, ("ROLE", "TIER", "KIND", "OWNER", "SHA256", "PATH"))
+        else:
+            print("  (no fragment, no drop-ins)")
+    return EXIT_OK
+
+
+async def _baseline_accept(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    conn = await _connect(settings)
+    try:
+        obs, _ = await _observer(settings, conn).observe()
+    finally:
+        await conn.close()
+    entries = baseline.entries_from_facts(baseline_facts(obs))
+    path = baseline.save_baseline(settings.resolved_state_dir(os.environ), entries)
+    print(f"accepted {len(entries)} files as the baseline in {path}")
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from provenanced.demo import run_demo
+
+    return run_demo(scenario=args.scenario, listen=args.listen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="provenanced",
+        description="Know where every systemd user unit's definition comes from; say so when it drifts.",
+    )
+    parser.add_argument("--version", action="version", version=f"provenanced {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML config (default $XDG_CONFIG_HOME/provenanced/config.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("audit", lambda a: _run(_audit(a)), "audit every user unit once and list drift")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("patterns", nargs="*", metavar="PATTERN", help="only units matching these shell patterns")
+
+    p = command("show", lambda a: _run(_show(a)), "show where each file of a unit's definition comes from")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("units", nargs="+", metavar="UNIT")
+
+    p = command("baseline", lambda a: _run(_baseline_accept(a)), "manage the accepted baseline")
+    p.add_argument("action", choices=["accept"], help="accept: record the current files as vouched for")
+
+    command("check-config", _check_config, "validate and print the effective configuration")
+
+    p = command("demo", _demo, "boot a sandboxed user manager with a Home Manager tree and watch it")
+    p.add_argument("--scenario", action="store_true", help="inject a sequence of real drifts on a timer")
+    p.add_argument("--listen", default="127.0.0.1:10055", help="metrics listen address (host:port)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors become one stderr line and a documented exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ProvenancedError as exc:
+        print(f"provenanced: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+

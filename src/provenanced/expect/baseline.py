@@ -1,0 +1,65 @@
+"""The accepted baseline: what the unit files were when the user last said "this is fine"."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+from collections.abc import Iterable, Mapping
+
+from provenanced.errors import StateError
+from provenanced.fs import atomic
+from provenanced.model import BaselineEntry, FileFact, FileKind
+
+BASELINE_FILE = "baseline.json"
+_VERSION = 1
+
+
+def load_baseline(state_dir: str) -> dict[str, BaselineEntry] | None:
+    """The recorded baseline, or ``None`` when none has been accepted yet."""
+    path = posixpath.join(state_dir, BASELINE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read baseline {path}: {exc}") from exc
+    try:
+        return {
+            path: BaselineEntry(
+                path, FileKind(entry["kind"]), entry.get("target"), entry.get("resolved"), entry.get("sha256")
+            )
+            for path, entry in document["entries"].items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"baseline {path} is malformed ({exc}); run 'provenanced baseline accept'") from exc
+
+
+def entries_from_facts(facts: Iterable[FileFact]) -> dict[str, BaselineEntry]:
+    """Baseline entries for every existing file among ``facts``."""
+    return {
+        fact.path: BaselineEntry(fact.path, fact.kind, fact.target, fact.resolved, fact.sha256)
+        for fact in facts
+        if fact.kind in (FileKind.FILE, FileKind.SYMLINK)
+    }
+
+
+def save_baseline(state_dir: str, entries: Mapping[str, BaselineEntry]) -> str:
+    """Write the baseline atomically; the previous one stays intact if anything fails."""
+    document = {
+        "version": _VERSION,
+        "accepted_at": time.time(),
+        "entries": {
+            path: {"kind": e.kind.value, "target": e.target, "resolved": e.resolved, "sha256": e.sha256}
+            for path, e in sorted(entries.items())
+        },
+    }
+    data = json.dumps(document, indent=1, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        atomic.write_file(state_dir, BASELINE_FILE, data)
+    except OSError as exc:
+        raise StateError(f"cannot write baseline in {state_dir}: {exc.strerror or exc}") from exc
+    return posixpath.join(state_dir, BASELINE_FILE)

@@ -1,0 +1,54 @@
+"""Read Home Manager's current generation: which paths it links, and what they should hold."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from provenanced.fs.facts import FactReader
+from provenanced.model import ExpectedLink, UnitDir
+
+GCROOT = ".local/state/home-manager/gcroots/current-home"
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The current Home Manager generation and the links it places under the unit directories."""
+
+    path: str | None
+    home_files: str | None
+    links: dict[str, ExpectedLink]
+
+
+def read_generation(home: str, unit_dirs: Iterable[UnitDir], reader: FactReader) -> Generation:
+    """Follow the ``current-home`` gcroot and list what the generation links into unit dirs."""
+    gcroot = posixpath.join(home, GCROOT)
+    try:
+        generation = os.path.realpath(gcroot, strict=True)
+        # Home Manager links ``$HOME/<rel>`` to ``$(readlink -e <gen>/home-files)/<rel>``.
+        home_files = os.path.realpath(posixpath.join(generation, "home-files"), strict=True)
+    except OSError:
+        return Generation(None, None, {})
+    links: dict[str, ExpectedLink] = {}
+    for unit_dir in unit_dirs:
+        relative = posixpath.relpath(unit_dir.path, home)
+        if relative.startswith(".."):
+            continue
+        for source in _walk_files(posixpath.join(home_files, relative)):
+            path = posixpath.join(home, posixpath.relpath(source, home_files))
+            fact = reader.read(source)
+            links[path] = ExpectedLink(path, source, fact.resolved or None, fact.sha256)
+    return Generation(generation, home_files, links)
+
+
+def _walk_files(root: str) -> Iterable[str]:
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            yield posixpath.join(directory, name)
+        # os.walk lists a symlink to a directory among subdirs; Home Manager links it like a file.
+        for name in subdirs:
+            path = posixpath.join(directory, name)
+            if os.path.islink(path):
+                yield path

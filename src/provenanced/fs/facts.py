@@ -1,0 +1,139 @@
+"""Read what a path is on disk (``FileFact``) without ever writing or following the link itself."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterable, Iterator
+
+from provenanced.model import FileFact, FileKind
+
+_CHUNK = 1 << 16
+# Opening a FIFO or device must not block the reader; O_NOFOLLOW refuses a swapped-in link.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Unit-file subdirectories whose entries systemd reads.
+_SUBDIR_SUFFIXES = (".d", ".wants", ".requires", ".upholds")
+
+_HashKey = tuple[int, int, int, int, int]
+
+
+class FactReader:
+    """Reads ``FileFact``s, caching content hashes by inode identity so unchanged files hash once."""
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, tuple[_HashKey, str]] = {}
+
+    def read(self, path: str) -> FileFact:
+        """What ``path`` is now; errors become a fact with ``error`` set, never an exception."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return FileFact(path, FileKind.MISSING)
+        except NotADirectoryError:
+            return FileFact(path, FileKind.MISSING, error="a parent is not a directory")
+        except OSError as exc:
+            return FileFact(path, FileKind.MISSING, error=_describe(exc))
+        if stat.S_ISLNK(st.st_mode):
+            return self._read_link(path, st)
+        if stat.S_ISREG(st.st_mode):
+            sha, error = self._hash(path, st)
+            return _fact(path, FileKind.FILE, st, st, sha=sha, error=error)
+        kind = FileKind.DIRECTORY if stat.S_ISDIR(st.st_mode) else FileKind.OTHER
+        return _fact(path, kind, st, st)
+
+    def read_many(self, paths: Iterable[str]) -> dict[str, FileFact]:
+        """Facts for many paths, keyed by path."""
+        return {path: self.read(path) for path in paths}
+
+    def _read_link(self, path: str, st: os.stat_result) -> FileFact:
+        try:
+            target = os.readlink(path)
+        except OSError as exc:
+            return _fact(path, FileKind.SYMLINK, st, None, error=_describe(exc))
+        try:
+            resolved = os.path.realpath(path, strict=True)
+            target_st = os.stat(resolved)
+        except OSError as exc:
+            dangling = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+            error = None if dangling else _describe(exc)
+            return _fact(path, FileKind.SYMLINK, st, None, target=target, error=error)
+        sha, error = (None, None)
+        if stat.S_ISREG(target_st.st_mode):
+            sha, error = self._hash(resolved, target_st)
+        return _fact(path, FileKind.SYMLINK, st, target_st, target=target, resolved=resolved, sha=sha, error=error)
+
+    def _hash(self, path: str, st: os.stat_result) -> tuple[str | None, str | None]:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._hashes.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1], None
+        try:
+            sha = _sha256(path)
+        except OSError as exc:
+            return None, _describe(exc)
+        self._hashes[path] = (key, sha)
+        return sha, None
+
+
+def _fact(
+    path: str,
+    kind: FileKind,
+    st: os.stat_result,
+    content_st: os.stat_result | None,
+    *,
+    target: str | None = None,
+    resolved: str | None = None,
+    sha: str | None = None,
+    error: str | None = None,
+) -> FileFact:
+    # A link's own mode is always 0777; what can be rewritten is its target, so report that mode.
+    return FileFact(
+        path=path,
+        kind=kind,
+        target=target,
+        resolved=resolved if kind is FileKind.SYMLINK else None,
+        uid=st.st_uid,
+        mode=stat.S_IMODE(content_st.st_mode) if content_st else None,
+        size=content_st.st_size if content_st else None,
+        sha256=sha,
+        mtime_ns=st.st_mtime_ns,
+        inode=st.st_ino,
+        error=error,
+    )
+
+
+def _sha256(path: str) -> str:
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, _CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def scan_unit_dir(directory: str) -> Iterator[str]:
+    """Every unit file, drop-in and enablement link in one unit directory, never following links."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError:
+        # Unreadable directories are reported by their own fact, not by aborting the scan.
+        return
+    for entry in entries:
+        if entry.name.endswith(_SUBDIR_SUFFIXES) and entry.is_dir(follow_symlinks=False):
+            try:
+                with os.scandir(entry.path) as inner:
+                    yield from (sub.path for sub in inner if not sub.is_dir(follow_symlinks=False))
+            except OSError:
+                continue
+        elif not entry.is_dir(follow_symlinks=False):
+            yield entry.path

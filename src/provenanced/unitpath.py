@@ -1,0 +1,104 @@
+"""Pure reasoning about the manager's unit search path: tiers, and which unit a file belongs to."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from provenanced.model import Tier, UnitDir
+
+# Entries of these subdirectories are links that enable a unit, named after the enabled unit.
+DEPENDENCY_DIR_SUFFIXES = (".wants", ".requires", ".upholds")
+
+# Tiers whose files a user (or a tool acting for them) writes: audited for ownership and vouching.
+USER_TIERS = frozenset({Tier.CONTROL, Tier.CONFIG, Tier.RUNTIME, Tier.DATA})
+# Tiers scanned for unit files nothing vouches for: the user's plus admin and custom directories.
+AUDITED_TIERS = USER_TIERS | {Tier.ADMIN, Tier.CUSTOM}
+# Tiers whose content the system itself produces: vouched for by construction.
+SYSTEM_TIERS = frozenset({Tier.VENDOR, Tier.GENERATOR, Tier.TRANSIENT})
+
+
+@dataclass(frozen=True, slots=True)
+class UserDirs:
+    """The base directories a user manager derives its search path from."""
+
+    home: str
+    config_home: str
+    data_home: str
+    runtime_dir: str
+
+
+def classify_dir(path: str, dirs: UserDirs) -> Tier:
+    """Name the tier of one UnitPath directory, as systemd's lookup-paths code lays them out."""
+    path = posixpath.normpath(path)
+    runtime = posixpath.join(dirs.runtime_dir, "systemd")
+    if path in (posixpath.join(dirs.config_home, "systemd/user.control"),
+                posixpath.join(runtime, "user.control")):
+        return Tier.CONTROL
+    if path == posixpath.join(runtime, "transient"):
+        return Tier.TRANSIENT
+    if path.startswith(posixpath.join(runtime, "generator")):
+        return Tier.GENERATOR
+    if path == posixpath.join(dirs.config_home, "systemd/user"):
+        return Tier.CONFIG
+    if path in (posixpath.join(runtime, "user"), "/run/systemd/user"):
+        return Tier.RUNTIME
+    if path == posixpath.join(dirs.data_home, "systemd/user"):
+        return Tier.DATA
+    if path.endswith(("/etc/systemd/user", "/etc/xdg/systemd/user")):
+        return Tier.ADMIN
+    if path.startswith(("/usr/", "/lib/")):
+        return Tier.VENDOR
+    return Tier.CUSTOM
+
+
+def build_unit_dirs(unit_path: Iterable[str], dirs: UserDirs) -> tuple[UnitDir, ...]:
+    """Turn the manager's UnitPath into tiered directories in priority order."""
+    seen: set[str] = set()
+    result: list[UnitDir] = []
+    for path in unit_path:
+        norm = posixpath.normpath(path)
+        if norm not in seen:
+            seen.add(norm)
+            result.append(UnitDir(norm, classify_dir(norm, dirs), len(result)))
+    return tuple(result)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a file sits: its unit directory and its path relative to it."""
+
+    unit_dir: UnitDir
+    relative: str
+
+    @property
+    def unit(self) -> str:
+        """The unit the file defines, extends or enables."""
+        head, _, tail = self.relative.partition("/")
+        if not tail:
+            return head
+        if head.endswith(".d"):
+            return head[:-2]
+        return posixpath.basename(tail)
+
+    @property
+    def is_dropin(self) -> bool:
+        """A ``<unit>.d/*.conf`` file rather than a unit file or an enablement link."""
+        head, _, tail = self.relative.partition("/")
+        return bool(tail) and head.endswith(".d")
+
+    @property
+    def is_fragment(self) -> bool:
+        """A unit file at the top of its directory."""
+        return "/" not in self.relative
+
+
+def locate(path: str, by_path: Mapping[str, UnitDir]) -> Location | None:
+    """Find the unit directory a file lives in (directly, or one level down), if any."""
+    parent = posixpath.dirname(path)
+    for candidate in (parent, posixpath.dirname(parent)):
+        found = by_path.get(candidate)
+        if found is not None:
+            return Location(found, posixpath.relpath(path, candidate))
+    return None

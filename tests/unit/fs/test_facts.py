@@ -1,0 +1,80 @@
+"""FileFact reading on real temporary trees."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.model import FileKind
+
+
+class TestFactReader:
+    def test_regular_file(self, tmp_path: Path) -> None:
+        """A regular file reports its own uid, mode, size and content hash."""
+        path = tmp_path / "a.service"
+        path.write_bytes(b"[Unit]\n")
+        path.chmod(0o640)
+        fact = FactReader().read(str(path))
+        assert fact.kind is FileKind.FILE
+        assert (fact.mode, fact.size, fact.uid) == (0o640, 7, os.getuid())
+        assert fact.sha256 == hashlib.sha256(b"[Unit]\n").hexdigest()
+
+    def test_symlink_reports_target_content(self, tmp_path: Path) -> None:
+        """A link reports what it reads, where it resolves and the content there."""
+        target = tmp_path / "store-a.service"
+        target.write_bytes(b"x")
+        link = tmp_path / "a.service"
+        link.symlink_to(target)
+        fact = FactReader().read(str(link))
+        assert (fact.kind, fact.target, fact.resolved) == (FileKind.SYMLINK, str(target), str(target))
+        assert fact.sha256 == hashlib.sha256(b"x").hexdigest()
+        assert not fact.dangling
+
+    def test_dangling_and_loop(self, tmp_path: Path) -> None:
+        """Dangling links and link loops are facts, not exceptions."""
+        (tmp_path / "d").symlink_to(tmp_path / "nowhere")
+        (tmp_path / "l1").symlink_to(tmp_path / "l2")
+        (tmp_path / "l2").symlink_to(tmp_path / "l1")
+        reader = FactReader()
+        assert reader.read(str(tmp_path / "d")).dangling
+        loop = reader.read(str(tmp_path / "l1"))
+        assert loop.kind is FileKind.SYMLINK and loop.resolved is None and loop.error
+
+    def test_masked_forms(self, tmp_path: Path) -> None:
+        """A link to /dev/null and an empty file both read as masked."""
+        (tmp_path / "m").symlink_to("/dev/null")
+        (tmp_path / "e").write_bytes(b"")
+        reader = FactReader()
+        assert reader.read(str(tmp_path / "m")).masked
+        assert reader.read(str(tmp_path / "e")).masked
+
+    def test_missing_and_fifo(self, tmp_path: Path) -> None:
+        """A missing path is MISSING; a FIFO is OTHER and reading it never blocks."""
+        os.mkfifo(tmp_path / "fifo")
+        reader = FactReader()
+        assert reader.read(str(tmp_path / "gone")).kind is FileKind.MISSING
+        assert reader.read(str(tmp_path / "fifo")).kind is FileKind.OTHER
+
+    def test_hash_cache_sees_rewrites(self, tmp_path: Path) -> None:
+        """A rewritten file gets a new hash even from a reader that cached the old one."""
+        path = tmp_path / "a"
+        path.write_bytes(b"one")
+        reader = FactReader()
+        first = reader.read(str(path)).sha256
+        path.write_bytes(b"two")
+        assert reader.read(str(path)).sha256 != first
+
+
+class TestScan:
+    def test_scan_lists_units_dropins_and_links_without_following(self, tmp_path: Path) -> None:
+        """Unit files, drop-ins and .wants entries are listed; symlinked directories are not entered."""
+        (tmp_path / "a.service").write_text("")
+        (tmp_path / "a.service.d").mkdir()
+        (tmp_path / "a.service.d" / "x.conf").write_text("")
+        (tmp_path / "default.target.wants").mkdir()
+        (tmp_path / "default.target.wants" / "a.service").symlink_to(tmp_path / "a.service")
+        (tmp_path / "loop.service.d").symlink_to(tmp_path)
+        found = sorted(os.path.relpath(p, tmp_path) for p in scan_unit_dir(str(tmp_path)))
+        assert found == ["a.service", "a.service.d/x.conf", "default.target.wants/a.service", "loop.service.d"]
