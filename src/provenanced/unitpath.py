@@ -77,6 +77,10 @@ class Location:
         """The unit the file defines, extends or enables."""
         head, _, tail = self.relative.partition("/")
         if not tail:
+            # A subdirectory itself (``foo.service.d``) stands for the unit it belongs to.
+            for suffix in (".d", *DEPENDENCY_DIR_SUFFIXES):
+                if head.endswith(suffix) and head != suffix:
+                    return head[: -len(suffix)]
             return head
         if head.endswith(".d"):
             return head[:-2]
