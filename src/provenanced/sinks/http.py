@@ -1,0 +1,319 @@
+"""The HTTP endpoint: /metrics, health and readiness probes, the findings API, a landing page.
+
+Built on the stdlib ``ThreadingHTTPServer`` rather than wsgiref + ``make_wsgi_app``: that app
+serves metrics on *every* path and answers 405 only for non-GET, while we need our own routes,
+a 405 with ``Allow``, HEAD, TLS wrapped per connection (a slow handshake must not stall the accept
+loop) and serving on an inherited socket-activation fd. The exposition itself is
+prometheus_client's (``choose_encoder`` for text vs OpenMetrics, ``gzip_accepted``).
+
+Limits come from ``BaseHTTPRequestHandler``: a request line over 64 KiB gets 414, a header line
+over 64 KiB or more than 100 headers get 431, a malformed request 400; each connection serves one
+request (HTTP/1.0) and is dropped after ``_TIMEOUT`` seconds of silence.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final, cast
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+from provenanced import __version__
+from provenanced.errors import ConfigError
+from provenanced.model import DaemonStatus
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_LISTEN: Final = "127.0.0.1:10055"
+_TIMEOUT: Final = 10.0
+_ALLOWED: Final = ("GET", "HEAD")
+_LANDING: Final = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>provenanced</title></head>
+<body><h1>provenanced {version}</h1>
+<p>Tracks where each systemd user unit's definition comes from and reports drift.</p>
+<ul>
+<li><a href="/metrics">/metrics</a> &mdash; Prometheus metrics</li>
+<li><a href="/api/v1/findings">/api/v1/findings</a> &mdash; open findings as JSON</li>
+<li><a href="/-/healthy">/-/healthy</a> &mdash; liveness</li>
+<li><a href="/-/ready">/-/ready</a> &mdash; readiness (first audit done, manager connected)</li>
+</ul></body></html>
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for HTTPS; with ``client_ca`` every client must present a cert it signed."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class HttpServer:
+    """A running endpoint: where it listens, and how to stop it."""
+
+    def __init__(self, server: _Server, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        host, port = server.socket.getsockname()[:2]
+        self._address = (str(host), int(port))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (the real port when asked for port 0); valid after stop()."""
+        return self._address
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close the listening socket and wait for the serving thread."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+
+
+def start_http_server(
+    listen: str,
+    registry: CollectorRegistry,
+    get_status: Callable[[], DaemonStatus],
+    *,
+    tls: TlsFiles | None = None,
+    fd: int | None = None,
+) -> HttpServer:
+    """Serve on ``listen`` ("host:port", "[v6]:port"), or on the inherited listening socket ``fd``.
+
+    Raises ConfigError, one line, when the address cannot be bound or the TLS files don't load.
+    """
+    context = _tls_context(tls) if tls is not None else None
+    server = _Server(
+        _inherited_socket(fd) if fd is not None else _bound_socket(listen),
+        registry,
+        get_status,
+        context,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="http.serve", daemon=True)
+    thread.start()
+    endpoint = HttpServer(server, thread)
+    host, port = endpoint.address
+    log.info("http.listening", host=host, port=port, tls=context is not None, inherited=fd)
+    return endpoint
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" or "[ipv6]:port" into host and port."""
+    host, sep, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"listen address {listen!r}: write an IPv6 host in brackets, [::1]:port")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"listen address {listen!r} is not host:port (e.g. {DEFAULT_LISTEN})")
+    return host, int(port_text)
+
+
+def _bound_socket(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {_reason(exc)}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {listen}: {_reason(exc)}") from exc
+    return sock
+
+
+def _inherited_socket(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"inherited fd {fd} is not a socket: {_reason(exc)}") from exc
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not listening:
+        sock.detach()  # not ours to close: leave the fd to whoever passed it
+        raise ConfigError(f"inherited fd {fd} is not a listening TCP socket (ListenStream=port)")
+    return sock
+
+
+def _tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load TLS cert {tls.cert} / key {tls.key}: {_reason(exc)}"
+        ) from exc
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load client CA {tls.client_ca}: {_reason(exc)}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class _Server(ThreadingHTTPServer):
+    """A ThreadingHTTPServer over a socket we already hold, wrapping TLS in the worker thread."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        registry: CollectorRegistry,
+        get_status: Callable[[], DaemonStatus],
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.registry = registry
+        self.get_status = get_status
+        self.tls = tls
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Do the TLS handshake here, on the worker thread, then handle the request."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_TIMEOUT)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("http.tls_refused", client=client_address[0], error=str(exc))
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a request that blew up instead of printing a traceback; the server carries on."""
+        log.warning("http.request_failed", client=client_address[0], exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes GET/HEAD to the endpoints; everything else is 404 or 405."""
+
+    server_version = f"provenanced/{__version__}"
+    timeout = _TIMEOUT
+
+    def parse_request(self) -> bool:
+        """Refuse methods other than GET and HEAD with 405 before any routing."""
+        if not super().parse_request():
+            return False
+        if self.command in _ALLOWED:
+            return True
+        self._send(
+            _Response(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                b"method not allowed\n",
+                headers=(("Allow", ", ".join(_ALLOWED)),),
+            )
+        )
+        return False
+
+    def do_GET(self) -> None:
+        """Answer a GET."""
+        self._send(self._answer())
+
+    def do_HEAD(self) -> None:
+        """Answer a HEAD: the GET headers, no body."""
+        self._send(self._answer(), body=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Route the stdlib's access and error lines to structlog at debug level."""
+        log.debug("http.request", client=self.client_address[0], line=format % args)
+
+    def _answer(self) -> _Response:
+        """The route's response, or 500 when building it failed (e.g. get_status raised)."""
+        try:
+            return self._route()
+        except Exception:
+            # Whatever get_status or a collector raised, the client gets a 500 and we go on.
+            log.exception("http.handler_failed", path=self.path)
+            return _Response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error; see the log\n")
+
+    def _route(self) -> _Response:
+        server = cast(_Server, self.server)
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            return self._metrics(server.registry)
+        if path == "/-/healthy":
+            return _Response(HTTPStatus.OK, b"provenanced is healthy\n")
+        if path == "/-/ready":
+            return _ready(server.get_status())
+        if path == "/api/v1/findings":
+            return _findings(server.get_status())
+        if path == "/":
+            body = _LANDING.format(version=html.escape(__version__)).encode()
+            return _Response(HTTPStatus.OK, body, "text/html; charset=utf-8")
+        return _Response(HTTPStatus.NOT_FOUND, b"not found; see / for the endpoints\n")
+
+    def _metrics(self, registry: CollectorRegistry) -> _Response:
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        body = encoder(registry)
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            return _Response(
+                HTTPStatus.OK, gzip.compress(body), content_type, (("Content-Encoding", "gzip"),)
+            )
+        return _Response(HTTPStatus.OK, body, content_type)
+
+    def _send(self, response: _Response, *, body: bool = True) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(response.body)
+
+
+def _ready(status: DaemonStatus) -> _Response:
+    if status.ready and status.manager_connected:
+        return _Response(HTTPStatus.OK, b"provenanced is ready\n")
+    reason = "first audit not finished" if not status.ready else "user manager not connected"
+    return _Response(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode())
+
+
+def _findings(status: DaemonStatus) -> _Response:
+    document = {
+        "units": status.units_audited,
+        "findings": [finding.to_json() for finding in status.findings],
+        "stale": status.stale,
+    }
+    # ensure_ascii keeps undecodable path bytes (surrogates) encodable as \\u escapes.
+    body = json.dumps(document, ensure_ascii=True).encode("ascii")
+    return _Response(HTTPStatus.OK, body, "application/json")

@@ -1,0 +1,289 @@
+"""Prometheus metrics: event counters the engine records, plus one collector rendering its status.
+
+Everything lives on a private ``CollectorRegistry`` (never the global ``REGISTRY``), so tests and
+the daemon each get their own set of series and nothing else in the process can leak into it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+
+from provenanced import __version__
+from provenanced.model import DaemonStatus, Finding, FindingKind, Transition
+
+KINDS: Final[tuple[str, ...]] = tuple(kind.value for kind in FindingKind)
+# The LoadState values systemd documents; any other value the manager reports is added as seen.
+LOAD_STATES: Final = ("loaded", "not-found", "bad-setting", "error", "masked", "stub", "merged")
+# The triggers the engine reports (stale-load found via NeedDaemonReload, or via content hash).
+RELOAD_TRIGGERS: Final = ("need-daemon-reload", "content-hash")
+ALERT_SINKS: Final = ("journal",)
+DETECTION_LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+RESYNC_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+ActionResult = Literal["ok", "failed"]
+AlertResult = Literal["ok", "error"]
+ACTION_RESULTS: Final[tuple[ActionResult, ...]] = ("ok", "failed")
+ALERT_RESULTS: Final[tuple[AlertResult, ...]] = ("ok", "error")
+
+
+class Telemetry:
+    """The engine's event counters and histograms, on a registry it owns with the status collector.
+
+    Label sets whose values are known up front start at 0, so ``increase()`` and ``rate()`` see
+    the first event instead of a series that appears already at 1.
+    """
+
+    def __init__(
+        self,
+        get_status: Callable[[], DaemonStatus],
+        *,
+        reload_triggers: Iterable[str] = RELOAD_TRIGGERS,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._detected = Counter(
+            "provenanced_findings_detected",
+            "Findings that opened (a drift appeared), by drift kind.",
+            ["kind"],
+            registry=reg,
+        )
+        self._resolved = Counter(
+            "provenanced_findings_resolved",
+            "Findings that closed (the drift went away or was healed), by drift kind.",
+            ["kind"],
+            registry=reg,
+        )
+        self._reloads = Counter(
+            "provenanced_reloads",
+            "daemon-reload requests sent to the user manager, by what triggered them and outcome.",
+            ["trigger", "result"],
+            registry=reg,
+        )
+        self._heals = Counter(
+            "provenanced_heals",
+            "Attempts to restore a drifted file to its expected state, by drift kind and outcome.",
+            ["kind", "result"],
+            registry=reg,
+        )
+        self._jobs_unverified = Counter(
+            "provenanced_jobs_unverified",
+            "Jobs the manager reported done whose unit did not verify (still failed, condition "
+            "unmet or non-zero exit).",
+            registry=reg,
+        )
+        self._resync = Histogram(
+            "provenanced_resync_duration_seconds",
+            "Time a full re-read of the manager's units and their files took.",
+            buckets=RESYNC_BUCKETS,
+            registry=reg,
+        )
+        self._latency = Histogram(
+            "provenanced_detection_latency_seconds",
+            "Time from an inotify event to the resulting finding being published.",
+            buckets=DETECTION_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._dbus_calls = Counter(
+            "provenanced_dbus_calls",
+            "D-Bus method calls made to the user manager, by method and outcome.",
+            ["method", "result"],
+            registry=reg,
+        )
+        self._reconnects = Counter(
+            "provenanced_dbus_reconnects",
+            "Times the connection to the user manager was re-established after being lost.",
+            registry=reg,
+        )
+        self._overflows = Counter(
+            "provenanced_inotify_overflows",
+            "inotify queue overflows; each one forces a full rescan because events were lost.",
+            registry=reg,
+        )
+        self._alerts = Counter(
+            "provenanced_alerts",
+            "Notifications handed to an alert sink (e.g. journald), by sink and outcome.",
+            ["sink", "result"],
+            registry=reg,
+        )
+        self._preinitialise(tuple(reload_triggers))
+        reg.register(StatusCollector(get_status))
+
+    def _preinitialise(self, reload_triggers: tuple[str, ...]) -> None:
+        """Create every label set whose values are known, at 0."""
+        for kind in KINDS:
+            self._detected.labels(kind=kind)
+            self._resolved.labels(kind=kind)
+            for action_result in ACTION_RESULTS:
+                self._heals.labels(kind=kind, result=action_result)
+        for trigger in reload_triggers:
+            for action_result in ACTION_RESULTS:
+                self._reloads.labels(trigger=trigger, result=action_result)
+        for sink in ALERT_SINKS:
+            for alert_result in ALERT_RESULTS:
+                self._alerts.labels(sink=sink, result=alert_result)
+
+    def record_transition(self, t: Transition) -> None:
+        """Count a finding that opened or closed."""
+        counter = self._detected if t.state == "detected" else self._resolved
+        counter.labels(kind=t.finding.kind.value).inc()
+
+    def record_reload(self, trigger: str, result: ActionResult) -> None:
+        """Count one daemon-reload request and its outcome."""
+        self._reloads.labels(trigger=trigger, result=result).inc()
+
+    def record_heal(self, kind: str, result: ActionResult) -> None:
+        """Count one heal attempt and its outcome; ``kind`` is a FindingKind or its value."""
+        self._heals.labels(kind=str(kind), result=result).inc()
+
+    def record_job_unverified(self) -> None:
+        """Count one job that ended ``done`` but whose unit did not verify."""
+        self._jobs_unverified.inc()
+
+    def observe_resync(self, seconds: float) -> None:
+        """Record how long one full resync took."""
+        self._resync.observe(seconds)
+
+    def observe_detection_latency(self, seconds: float) -> None:
+        """Record the delay from an inotify event to the finding it produced being published."""
+        self._latency.observe(seconds)
+
+    def record_dbus_call(self, method: str, result: str) -> None:
+        """Count one D-Bus call to the manager and its outcome ("ok", "error" or "timeout")."""
+        self._dbus_calls.labels(method=method, result=result).inc()
+
+    def record_reconnect(self) -> None:
+        """Count one re-established manager connection."""
+        self._reconnects.inc()
+
+    def record_overflow(self) -> None:
+        """Count one inotify queue overflow."""
+        self._overflows.inc()
+
+    def record_alert(self, sink: str, result: AlertResult) -> None:
+        """Count one notification handed to an alert sink; matches ``JournalSink``'s on_result."""
+        self._alerts.labels(sink=sink, result=result).inc()
+
+
+class StatusCollector:
+    """Renders one ``DaemonStatus`` snapshot per scrape; nothing carries over between scrapes.
+
+    ``collect()`` runs on the HTTP thread: it calls ``get_status`` exactly once and only reads the
+    immutable value it gets, so it needs no lock and does no I/O.
+    """
+
+    def __init__(self, get_status: Callable[[], DaemonStatus]) -> None:
+        self._get_status = get_status
+        self._build_labels = {"version": __version__, "python": platform.python_version()}
+
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector yields, so the registry can reject duplicate names."""
+        return self._families(DaemonStatus())
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, rebuilt from one snapshot."""
+        return self._families(self._get_status())
+
+    def _families(self, status: DaemonStatus) -> Iterator[Metric]:
+        yield InfoMetricFamily(
+            "provenanced_build",
+            "The running provenanced version and the Python it runs on (value is always 1).",
+            value=self._build_labels,
+        )
+        yield _flag(
+            "provenanced_manager_connected",
+            "1 while connected to the systemd user manager; 0 means drift in loaded units is "
+            "not being seen.",
+            status.manager_connected,
+        )
+        transport = InfoMetricFamily(
+            "provenanced_manager_transport",
+            "How the manager is reached: 'private' socket or the user 'bus' (value is always 1).",
+            labels=["transport"],
+        )
+        if status.transport:
+            transport.add_metric([status.transport], {})
+        yield transport
+        yield _flag(
+            "provenanced_ready",
+            "1 once the first full audit completed and findings are being published.",
+            status.ready,
+        )
+        yield _flag(
+            "provenanced_stale",
+            "1 when the published findings may be out of date (manager lost, resync pending).",
+            status.stale,
+        )
+        yield _flag(
+            "provenanced_degraded",
+            "1 when coverage is reduced, e.g. an inotify watch could not be added or a unit "
+            "directory is unreadable.",
+            status.degraded,
+        )
+        yield _units(status)
+        yield from _findings(status.findings)
+        yield GaugeMetricFamily(
+            "provenanced_inotify_watches",
+            "inotify watches currently held on unit directories.",
+            value=status.inotify_watches,
+        )
+        yield GaugeMetricFamily(
+            "provenanced_last_full_resync_timestamp_seconds",
+            "Unix time the last full resync finished; 0 before the first one.",
+            value=status.last_full_resync,
+        )
+
+
+def _flag(name: str, documentation: str, value: bool) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=1.0 if value else 0.0)
+
+
+def _units(status: DaemonStatus) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "provenanced_units",
+        "User units the manager has loaded, by LoadState (0 for documented states with none).",
+        labels=["load_state"],
+    )
+    counts = dict.fromkeys(LOAD_STATES, 0) | dict(status.units_by_load_state)
+    for state, count in counts.items():
+        family.add_metric([_label(state)], count)
+    return family
+
+
+def _findings(findings: tuple[Finding, ...]) -> Iterator[GaugeMetricFamily]:
+    """One series per open finding, plus a dense count for every drift kind."""
+    per_finding = GaugeMetricFamily(
+        "provenanced_finding",
+        "1 for each open finding: a file behind a user unit that drifted from what vouches for it.",
+        labels=["kind", "unit", "path", "severity"],
+    )
+    counts = dict.fromkeys(KINDS, 0)
+    seen: set[tuple[FindingKind, str, str]] = set()
+    for finding in findings:
+        # Identity is (kind, unit, path); a duplicate would make the scrape invalid.
+        if finding.key in seen:
+            continue
+        seen.add(finding.key)
+        counts[finding.kind.value] += 1
+        labels = [finding.kind.value, _label(finding.unit), _label(finding.path), finding.severity]
+        per_finding.add_metric(labels, 1)
+    yield per_finding
+    dense = GaugeMetricFamily(
+        "provenanced_findings",
+        "Open findings by drift kind (0 for kinds with none).",
+        labels=["kind"],
+    )
+    for kind, count in counts.items():
+        dense.add_metric([kind], count)
+    yield dense
+
+
+def _label(value: str) -> str:
+    """A label value that encodes as UTF-8 even when a path held undecodable bytes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
