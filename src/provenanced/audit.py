@@ -108,7 +108,11 @@ def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = F
     expected = exp.home_manager_links.get(path)
     if expected is not None and fact.kind is FileKind.SYMLINK and _matches(fact, expected):
         return Owner.HOME_MANAGER
-    if fact.kind is FileKind.SYMLINK and not fact.dangling and is_under(fact.resolved, exp.managed_roots):
+    if (
+        fact.kind is FileKind.SYMLINK
+        and not fact.dangling
+        and is_under(fact.resolved, exp.managed_roots)
+    ):
         hm_dir = home_manager_files_dir(fact.target)
         if hm_dir is None or hm_dir == exp.home_manager_files:
             return Owner.MANAGED_ROOT
@@ -143,63 +147,102 @@ def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
     expected = ctx.exp.home_manager_links.get(path)
     if expected is not None:
         yield _finding(
-            K.MANAGED_MISSING, unit, path,
+            K.MANAGED_MISSING,
+            unit,
+            path,
             f"Home Manager's current generation links this path to {expected.target}; it is absent",
         )
         return
     base = ctx.exp.baseline.get(path)
-    if base is not None and base.kind is FileKind.SYMLINK and is_under(base.resolved, ctx.exp.managed_roots):
+    if (
+        base is not None
+        and base.kind is FileKind.SYMLINK
+        and is_under(base.resolved, ctx.exp.managed_roots)
+    ):
         yield _finding(
-            K.MANAGED_MISSING, unit, path,
+            K.MANAGED_MISSING,
+            unit,
+            path,
             f"the accepted baseline had a managed link here to {base.target}; it is absent",
         )
 
 
-def _check_owner_and_mode(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
+def _check_owner_and_mode(
+    ctx: _Context, loc: Location, path: str, fact: FileFact
+) -> Iterator[Finding]:
     unit = loc.unit
     if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != ctx.obs.uid:
         what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
         yield _finding(
-            K.FOREIGN_OWNER, unit, path,
+            K.FOREIGN_OWNER,
+            unit,
+            path,
             f"{what} is owned by uid {fact.uid}, not by the manager's user (uid {ctx.obs.uid})",
         )
-    if fact.mode is not None and fact.mode & 0o022 and fact.kind in (FileKind.FILE, FileKind.SYMLINK):
+    # /dev/null is world-writable by design; a mask link is judged as masked, not by mode.
+    if (
+        fact.mode is not None
+        and fact.mode & 0o022
+        and fact.kind in (FileKind.FILE, FileKind.SYMLINK)
+        and (fact.resolved != "/dev/null")
+    ):
         who = "others" if fact.mode & 0o002 else "the group"
         via = " (the link's target)" if fact.kind is FileKind.SYMLINK else ""
         yield _finding(
-            K.UNSAFE_MODE, unit, path,
+            K.UNSAFE_MODE,
+            unit,
+            path,
             f"mode {fact.mode:04o}{via} lets {who} rewrite this unit definition",
         )
 
 
-def _check_expected(ctx: _Context, unit: str, path: str, fact: FileFact, expected: ExpectedLink) -> Iterator[Finding]:
+def _check_expected(
+    ctx: _Context, unit: str, path: str, fact: FileFact, expected: ExpectedLink
+) -> Iterator[Finding]:
     if fact.masked:
-        yield _finding(K.MASKED, unit, path, "masked here, but Home Manager's current generation provides it")
+        yield _finding(
+            K.MASKED, unit, path, "masked here, but Home Manager's current generation provides it"
+        )
     elif fact.kind is FileKind.FILE:
         state = "latent" if fact.sha256 and fact.sha256 == expected.sha256 else "divergent"
         what = "same content as" if state == "latent" else "different content from"
         yield _finding(
-            K.LINK_REPLACED, unit, path,
+            K.LINK_REPLACED,
+            unit,
+            path,
             f"{state}: a regular file with {what} the managed target {expected.target} "
             f"(sha256 {_short(fact.sha256)}, expected {_short(expected.sha256)})",
         )
     elif fact.kind is FileKind.SYMLINK:
         if fact.dangling:
-            yield _finding(K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist")
+            yield _finding(
+                K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist"
+            )
         elif _matches(fact, expected):
             return
-        elif (hm_dir := home_manager_files_dir(fact.target)) and hm_dir != ctx.exp.home_manager_files:
+        elif (
+            hm_dir := home_manager_files_dir(fact.target)
+        ) and hm_dir != ctx.exp.home_manager_files:
             yield _finding(
-                K.ORPHAN_LINK, unit, path,
+                K.ORPHAN_LINK,
+                unit,
+                path,
                 f"points into {hm_dir}, not the current generation's {ctx.exp.home_manager_files}",
             )
         else:
             yield _finding(
-                K.LINK_RETARGETED, unit, path,
+                K.LINK_RETARGETED,
+                unit,
+                path,
                 f"resolves to {fact.resolved}, but Home Manager links it to {expected.target}",
             )
     else:
-        yield _finding(K.LINK_REPLACED, unit, path, f"divergent: a {fact.kind.value} where a managed link belongs")
+        yield _finding(
+            K.LINK_REPLACED,
+            unit,
+            path,
+            f"divergent: a {fact.kind.value} where a managed link belongs",
+        )
 
 
 def _unmanaged_kind(loc: Location) -> FindingKind:
@@ -209,7 +252,9 @@ def _unmanaged_kind(loc: Location) -> FindingKind:
 def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
     unit = loc.unit
     base = ctx.exp.baseline.get(path)
-    if fact.masked and (unit in ctx.expected_units or (base is not None and not _base_masked(base))):
+    if fact.masked and (
+        unit in ctx.expected_units or (base is not None and not _base_masked(base))
+    ):
         yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
         return
     if fact.kind is FileKind.SYMLINK:
@@ -217,20 +262,30 @@ def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -
     elif base is not None and _same_as_baseline(fact, base):
         return
     elif fact.kind is FileKind.FILE:
-        if base is not None and base.kind is FileKind.SYMLINK and is_under(base.resolved, ctx.exp.managed_roots):
+        if (
+            base is not None
+            and base.kind is FileKind.SYMLINK
+            and is_under(base.resolved, ctx.exp.managed_roots)
+        ):
             state = "latent" if fact.sha256 and fact.sha256 == base.sha256 else "divergent"
             yield _finding(
-                K.LINK_REPLACED, unit, path,
+                K.LINK_REPLACED,
+                unit,
+                path,
                 f"{state}: a regular file where the accepted baseline had a managed link to {base.target}",
             )
         elif base is not None:
             yield _finding(
-                _unmanaged_kind(loc), unit, path,
+                _unmanaged_kind(loc),
+                unit,
+                path,
                 f"content changed since the accepted baseline (sha256 {_short(base.sha256)} → {_short(fact.sha256)})",
             )
         else:
             yield _finding(
-                _unmanaged_kind(loc), unit, path,
+                _unmanaged_kind(loc),
+                unit,
+                path,
                 f"a {loc.unit_dir.tier.value}-tier file that neither Home Manager, a managed root "
                 "nor the accepted baseline vouches for",
             )
@@ -246,13 +301,17 @@ def _check_unexpected_link(
     unit = loc.unit
     vouched = base is not None and _same_as_baseline(fact, base)
     if fact.dangling and not vouched:
-        yield _finding(K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist")
+        yield _finding(
+            K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist"
+        )
         return
     hm_dir = home_manager_files_dir(fact.target)
     if hm_dir is not None and hm_dir != ctx.exp.home_manager_files:
         current = ctx.exp.home_manager_files or "no current generation"
         yield _finding(
-            K.ORPHAN_LINK, unit, path,
+            K.ORPHAN_LINK,
+            unit,
+            path,
             f"points into {hm_dir}, which is not the current Home Manager generation ({current})",
         )
         return
@@ -260,12 +319,16 @@ def _check_unexpected_link(
         return
     if base is not None and base.kind is FileKind.SYMLINK:
         yield _finding(
-            K.LINK_RETARGETED, unit, path,
+            K.LINK_RETARGETED,
+            unit,
+            path,
             f"resolves to {fact.resolved}, outside the managed roots; the accepted baseline had {base.target}",
         )
         return
     yield _finding(
-        _unmanaged_kind(loc), unit, path,
+        _unmanaged_kind(loc),
+        unit,
+        path,
         f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it",
     )
 
@@ -296,38 +359,62 @@ def _expected_fragments(ctx: _Context) -> Mapping[str, list[str]]:
     return result
 
 
-def _check_unit(ctx: _Context, unit: UnitRecord, fragments: Mapping[str, list[str]]) -> Iterator[Finding]:
+def _check_unit(
+    ctx: _Context, unit: UnitRecord, fragments: Mapping[str, list[str]]
+) -> Iterator[Finding]:
     name, fragment = unit.name, unit.fragment_path
     if unit.need_daemon_reload:
         yield _finding(
-            K.STALE_LOAD, name, fragment,
+            K.STALE_LOAD,
+            name,
+            fragment,
             "NeedDaemonReload=yes: the files on disk changed since the manager loaded this unit",
         )
-    elif ctx.obs.loaded_hashes is not None and name in ctx.obs.loaded_hashes:
-        if definition_hash(unit, ctx.obs.facts) != ctx.obs.loaded_hashes[name]:
-            yield _finding(
-                K.STALE_LOAD, name, fragment,
-                "the definition on disk differs from the one loaded at the last reload "
-                "(systemd's mtime check does not see it)",
-            )
+    elif (
+        ctx.obs.loaded_hashes is not None
+        and name in ctx.obs.loaded_hashes
+        and definition_hash(unit, ctx.obs.facts) != ctx.obs.loaded_hashes[name]
+    ):
+        yield _finding(
+            K.STALE_LOAD,
+            name,
+            fragment,
+            "the definition on disk differs from the one loaded at the last reload "
+            "(systemd's mtime check does not see it)",
+        )
     expected_paths = fragments.get(name, [])
-    if unit.load_state in _LOAD_ERRORS or (unit.load_state == "not-found" and name in ctx.expected_units):
+    if unit.load_state in _LOAD_ERRORS or (
+        unit.load_state == "not-found" and name in ctx.expected_units
+    ):
         where = fragment or (expected_paths[0] if expected_paths else "")
-        yield _finding(K.LOAD_ERROR, name, where, f"LoadState={unit.load_state}: the manager could not load it")
+        yield _finding(
+            K.LOAD_ERROR, name, where, f"LoadState={unit.load_state}: the manager could not load it"
+        )
     if unit.load_state == "masked" and name in ctx.expected_units:
-        yield _finding(K.MASKED, name, fragment, "the unit is masked while Home Manager provides it")
+        yield _finding(
+            K.MASKED, name, fragment, "the unit is masked while Home Manager provides it"
+        )
     if fragment and expected_paths and fragment not in expected_paths:
         yield from _check_shadowed(ctx, unit, expected_paths)
 
 
-def _check_shadowed(ctx: _Context, unit: UnitRecord, expected_paths: list[str]) -> Iterator[Finding]:
+def _check_shadowed(
+    ctx: _Context, unit: UnitRecord, expected_paths: list[str]
+) -> Iterator[Finding]:
     here = ctx.locate(unit.fragment_path)
     for path in expected_paths:
         there = ctx.locate(path)
         present = ctx.fact(path).kind is not FileKind.MISSING
-        if present and here is not None and there is not None and here.unit_dir.priority < there.unit_dir.priority:
+        if (
+            present
+            and here is not None
+            and there is not None
+            and here.unit_dir.priority < there.unit_dir.priority
+        ):
             yield _finding(
-                K.SHADOWED, unit.name, unit.fragment_path,
+                K.SHADOWED,
+                unit.name,
+                unit.fragment_path,
                 f"this {here.unit_dir.tier.value}-tier fragment overrides the managed one at {path}",
             )
             return
@@ -386,8 +473,12 @@ class FileProvenance:
     def to_json(self) -> dict[str, str | None]:
         """The ``show --json`` shape of one file."""
         return {
-            "path": self.path, "tier": self.tier, "kind": self.kind,
-            "target": self.target, "owner": self.owner.value, "sha256": self.sha256,
+            "path": self.path,
+            "tier": self.tier,
+            "kind": self.kind,
+            "target": self.target,
+            "owner": self.owner.value,
+            "sha256": self.sha256,
         }
 
 
@@ -412,7 +503,9 @@ class UnitProvenance:
         }
 
 
-def _describe_file(path: str, obs: Observation, exp: Expectations, dirs: Mapping[str, UnitDir]) -> FileProvenance:
+def _describe_file(
+    path: str, obs: Observation, exp: Expectations, dirs: Mapping[str, UnitDir]
+) -> FileProvenance:
     fact = obs.facts.get(path) or FileFact(path, FileKind.MISSING)
     loc = locate(path, dirs)
     tier = loc.unit_dir.tier if loc else None

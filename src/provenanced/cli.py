@@ -15,7 +15,7 @@ from typing import Any
 from provenanced import __version__
 from provenanced.audit import audit, describe
 from provenanced.config import Settings, load_settings
-from provenanced.errors import ProvenancedError
+from provenanced.errors import ProvenancedError, UsageError
 from provenanced.expect import baseline
 from provenanced.model import Finding
 from provenanced.observe import Observer, baseline_facts, matches, user_dirs
@@ -31,7 +31,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _connect(settings: Settings) -> ManagerConnection:
     transport = resolve_address(settings.manager.bus_address, os.environ)
     return await ManagerConnection.connect(
-        transport, timeout=settings.manager.call_timeout, max_in_flight=settings.manager.max_in_flight
+        transport,
+        timeout=settings.manager.call_timeout,
+        max_in_flight=settings.manager.max_in_flight,
     )
 
 
@@ -70,12 +72,23 @@ async def _audit(args: argparse.Namespace) -> int:
         # First use: what is there now is what the user accepts, so later changes stand out.
         accepted = baseline.entries_from_facts(baseline_facts(obs))
         path = baseline.save_baseline(state_dir, accepted)
-        print(f"provenanced: recorded a first baseline of {len(accepted)} files in {path}", file=sys.stderr)
-    findings = [f for f in audit(obs, observer.expectations(generation, accepted)) if matches(f.unit, args.patterns)]
+        print(
+            f"provenanced: recorded a first baseline of {len(accepted)} files in {path}",
+            file=sys.stderr,
+        )
+    findings = [
+        f
+        for f in audit(obs, observer.expectations(generation, accepted))
+        if matches(f.unit, args.patterns)
+    ]
     units = sum(1 for name in obs.units if matches(name, args.patterns))
     duration = time.monotonic() - started
     if args.json:
-        document = {"units": units, "findings": [f.to_json() for f in findings], "duration_seconds": duration}
+        document = {
+            "units": units,
+            "findings": [f.to_json() for f in findings],
+            "duration_seconds": duration,
+        }
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         _print_findings(findings, units, duration)
@@ -110,7 +123,14 @@ async def _show(args: argparse.Namespace) -> int:
         reload = "yes" if unit.need_daemon_reload else "no"
         print(f"{unit.unit}  LoadState={unit.load_state}  NeedDaemonReload={reload}")
         rows = [
-            (role, f.tier, f.kind, f.owner.value, (f.sha256 or "-")[:12], f.path + (f" -> {f.target}" if f.target else ""))
+            (
+                role,
+                f.tier,
+                f.kind,
+                f.owner.value,
+                (f.sha256 or "-")[:12],
+                f.path + (f" -> {f.target}" if f.target else ""),
+            )
             for role, f in [("fragment", unit.fragment)] + [("drop-in", d) for d in unit.dropins]
             if f is not None
         ]
@@ -134,6 +154,31 @@ async def _baseline_accept(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_daemon(args: argparse.Namespace) -> int:
+    from provenanced.daemon import serve
+    from provenanced.logging import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log.level, settings.log.format)
+    asyncio.run(serve(settings, args.config))
+    return EXIT_OK
+
+
+async def _restart(args: argparse.Namespace) -> int:
+    from provenanced.verify import restart_and_verify
+
+    if not args.verify:
+        raise UsageError("restart needs --verify (plain restarts are systemctl's job)")
+    settings = _settings(args)
+    conn = await _connect(settings)
+    try:
+        verdict = await restart_and_verify(conn, args.unit, args.timeout)
+    finally:
+        await conn.close()
+    print(verdict.reason, file=sys.stdout if verdict.verified else sys.stderr)
+    return EXIT_OK if verdict.verified else EXIT_FINDINGS
+
+
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
@@ -153,29 +198,58 @@ def build_parser() -> argparse.ArgumentParser:
         description="Know where every systemd user unit's definition comes from; say so when it drifts.",
     )
     parser.add_argument("--version", action="version", version=f"provenanced {__version__}")
-    parser.add_argument("--config", type=Path, help="TOML config (default $XDG_CONFIG_HOME/provenanced/config.toml)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML config (default $XDG_CONFIG_HOME/provenanced/config.toml)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         return p
 
+    command("run", _run_daemon, "run the daemon in the foreground (as the user service does)")
+
     p = command("audit", lambda a: _run(_audit(a)), "audit every user unit once and list drift")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("patterns", nargs="*", metavar="PATTERN", help="only units matching these shell patterns")
+    p.add_argument(
+        "patterns", nargs="*", metavar="PATTERN", help="only units matching these shell patterns"
+    )
 
-    p = command("show", lambda a: _run(_show(a)), "show where each file of a unit's definition comes from")
+    p = command(
+        "show", lambda a: _run(_show(a)), "show where each file of a unit's definition comes from"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("units", nargs="+", metavar="UNIT")
 
     p = command("baseline", lambda a: _run(_baseline_accept(a)), "manage the accepted baseline")
-    p.add_argument("action", choices=["accept"], help="accept: record the current files as vouched for")
+    p.add_argument(
+        "action", choices=["accept"], help="accept: record the current files as vouched for"
+    )
+
+    p = command(
+        "restart",
+        lambda a: _run(_restart(a)),
+        "restart a unit and verify it really ran and succeeded",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="wait for the job and judge the result (required)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=90.0, help="seconds to wait for the job and for settling"
+    )
+    p.add_argument("unit", metavar="UNIT")
 
     command("check-config", _check_config, "validate and print the effective configuration")
 
-    p = command("demo", _demo, "boot a sandboxed user manager with a Home Manager tree and watch it")
-    p.add_argument("--scenario", action="store_true", help="inject a sequence of real drifts on a timer")
+    p = command(
+        "demo", _demo, "boot a sandboxed user manager with a Home Manager tree and watch it"
+    )
+    p.add_argument(
+        "--scenario", action="store_true", help="inject a sequence of real drifts on a timer"
+    )
     p.add_argument("--listen", default="127.0.0.1:10055", help="metrics listen address (host:port)")
     return parser
 
@@ -192,4 +266,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-

@@ -16,7 +16,12 @@ from provenanced.errors import ConfigError
 from provenanced.model import FindingKind
 
 HEALABLE = frozenset(
-    {FindingKind.LINK_REPLACED, FindingKind.LINK_RETARGETED, FindingKind.LINK_DANGLING, FindingKind.MANAGED_MISSING}
+    {
+        FindingKind.LINK_REPLACED,
+        FindingKind.LINK_RETARGETED,
+        FindingKind.LINK_DANGLING,
+        FindingKind.MANAGED_MISSING,
+    }
 )
 
 
@@ -31,8 +36,12 @@ class ManagerSettings(_Section):
         None, description="D-Bus address of the manager; unset: private socket, then the user bus"
     )
     call_timeout: float = Field(10.0, gt=0, description="Seconds before a D-Bus call is abandoned")
-    max_in_flight: int = Field(32, ge=1, le=128, description="D-Bus calls in flight at once on one connection")
-    reconnect_max_delay: float = Field(30.0, gt=0, description="Cap of the reconnect backoff, seconds")
+    max_in_flight: int = Field(
+        32, ge=1, le=128, description="D-Bus calls in flight at once on one connection"
+    )
+    reconnect_max_delay: float = Field(
+        30.0, gt=0, description="Cap of the reconnect backoff, seconds"
+    )
 
 
 class ProvenanceSettings(_Section):
@@ -59,9 +68,12 @@ class PolicySettings(_Section):
     """What the daemon does about drift."""
 
     need_daemon_reload: Literal["reload", "flag", "ignore"] = Field(
-        "reload", description="On stale definitions: reload the manager, only flag them, or ignore them"
+        "reload",
+        description="On stale definitions: reload the manager, only flag them, or ignore them",
     )
-    quiet_window: float = Field(2.0, ge=0, description="Seconds without changes before acting on them")
+    quiet_window: float = Field(
+        2.0, ge=0, description="Seconds without changes before acting on them"
+    )
     defer_while_active: tuple[str, ...] = Field(
         ("home-manager-*.service",), description="Defer reloads while a matching unit is activating"
     )
@@ -92,13 +104,17 @@ class TlsSettings(_Section):
 
     cert_file: Path | None = Field(None, description="PEM certificate; enables HTTPS with key_file")
     key_file: Path | None = Field(None, description="PEM private key of cert_file")
-    client_ca_file: Path | None = Field(None, description="PEM CA; when set, clients must present a cert")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA; when set, clients must present a cert"
+    )
 
 
 class MetricsSettings(_Section):
     """The HTTP endpoint: metrics, health, findings."""
 
-    listen: str = Field("127.0.0.1:10055", description="host:port to listen on ([::1]:port for IPv6)")
+    listen: str = Field(
+        "127.0.0.1:10055", description="host:port to listen on ([::1]:port for IPv6)"
+    )
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("listen")
@@ -151,7 +167,9 @@ class Settings(BaseSettings):
         """The state directory, following the XDG base directory rules when unset."""
         if self.state_dir is not None:
             return str(self.state_dir)
-        state_home = env.get("XDG_STATE_HOME") or posixpath.join(env.get("HOME", "~"), ".local/state")
+        state_home = env.get("XDG_STATE_HOME") or posixpath.join(
+            env.get("HOME", "~"), ".local/state"
+        )
         return posixpath.join(state_home, "provenanced")
 
 

@@ -32,6 +32,10 @@ class ManagerCallError(ProvenancedError):
 
     exit_code = 3
 
+    def __init__(self, message: str, error_name: str = "") -> None:
+        super().__init__(message)
+        self.error_name = error_name
+
 
 class StateError(ProvenancedError):
     """The state directory (baseline, quarantine) cannot be read or written."""

@@ -7,9 +7,17 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from provenanced.expect import baseline, homemanager
+from provenanced.expect import homemanager
 from provenanced.fs.facts import FactReader, scan_unit_dir
-from provenanced.model import Expectations, FileFact, Observation, UnitDir, UnitRecord, frozen_map
+from provenanced.model import (
+    BaselineEntry,
+    Expectations,
+    FileFact,
+    Observation,
+    UnitDir,
+    UnitRecord,
+    frozen_map,
+)
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
 from provenanced.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
@@ -34,10 +42,14 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 def scan_files(unit_dirs: Iterable[UnitDir]) -> tuple[str, ...]:
     """Every file in the audited tiers of the search path."""
-    return tuple(path for d in unit_dirs if d.tier in AUDITED_TIERS for path in scan_unit_dir(d.path))
+    return tuple(
+        path for d in unit_dirs if d.tier in AUDITED_TIERS for path in scan_unit_dir(d.path)
+    )
 
 
-def _unloaded_fragments(files: Iterable[str], unit_dirs: Sequence[UnitDir], loaded: Iterable[str]) -> set[str]:
+def _unloaded_fragments(
+    files: Iterable[str], unit_dirs: Sequence[UnitDir], loaded: Iterable[str]
+) -> set[str]:
     by_path = {d.path: d for d in unit_dirs}
     names = set()
     for path in files:
@@ -92,7 +104,9 @@ class Observer:
         for name in sorted(expected_names):
             await manager.load_unit(self.conn, name)
         names = sorted({*names, *expected_names})
-        records = await manager.get_unit_records(self.conn, [n for n in names if matches(n, patterns)])
+        records = await manager.get_unit_records(
+            self.conn, [n for n in names if matches(n, patterns)]
+        )
         facts = self.read_facts(records.values(), scanned, generation.links)
         obs = Observation(
             units=frozen_map(records),
@@ -114,7 +128,9 @@ class Observer:
         return self.facts.read_many(sorted(paths))
 
     def expectations(
-        self, generation: homemanager.Generation, accepted: Mapping[str, baseline.BaselineEntry] | None
+        self,
+        generation: homemanager.Generation,
+        accepted: Mapping[str, BaselineEntry] | None,
     ) -> Expectations:
         """Expectations from the generation, the managed roots and the accepted baseline."""
         return Expectations(

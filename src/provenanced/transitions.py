@@ -70,7 +70,10 @@ class AlertGate:
         return min(times) if times else None
 
     def _forget_resolved(self, now: float) -> None:
-        stale = [k for k, (state, at) in self._last_sent.items()
-                 if state == "resolved" and now - at >= self.interval and k not in self._held]
+        stale = [
+            k
+            for k, (state, at) in self._last_sent.items()
+            if state == "resolved" and now - at >= self.interval and k not in self._held
+        ]
         for key in stale:
             del self._last_sent[key]

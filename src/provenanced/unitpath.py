@@ -33,8 +33,10 @@ def classify_dir(path: str, dirs: UserDirs) -> Tier:
     """Name the tier of one UnitPath directory, as systemd's lookup-paths code lays them out."""
     path = posixpath.normpath(path)
     runtime = posixpath.join(dirs.runtime_dir, "systemd")
-    if path in (posixpath.join(dirs.config_home, "systemd/user.control"),
-                posixpath.join(runtime, "user.control")):
+    if path in (
+        posixpath.join(dirs.config_home, "systemd/user.control"),
+        posixpath.join(runtime, "user.control"),
+    ):
         return Tier.CONTROL
     if path == posixpath.join(runtime, "transient"):
         return Tier.TRANSIENT

@@ -10,7 +10,11 @@ from provenanced.model import Tier, UnitDir, UnitRecord
 CONFIG = "/h/.config/systemd/user"
 DIRS = {CONFIG: UnitDir(CONFIG, Tier.CONFIG, 0)}
 UNITS = [
-    UnitRecord("web.service", fragment_path=f"{CONFIG}/web.service", dropin_paths=(f"{CONFIG}/web.service.d/a.conf",)),
+    UnitRecord(
+        "web.service",
+        fragment_path=f"{CONFIG}/web.service",
+        dropin_paths=(f"{CONFIG}/web.service.d/a.conf",),
+    ),
     UnitRecord("app@one.service", fragment_path=f"{CONFIG}/app@.service"),
     UnitRecord("app@two.service", fragment_path=f"{CONFIG}/app@.service"),
     UnitRecord("pod-a-web.service"),
@@ -20,20 +24,34 @@ UNITS = [
 
 
 class TestPathIndex:
-    @pytest.mark.parametrize(("path", "expected"), [
-        (f"{CONFIG}/web.service", {"web.service"}),
-        (f"{CONFIG}/web.service.d/a.conf", {"web.service"}),
-        (f"{CONFIG}/web.service.d/new.conf", {"web.service"}),
-        (f"{CONFIG}/app@.service.d/x.conf", {"app@one.service", "app@two.service", "app@.service"}),
-        (f"{CONFIG}/app@two.service.d/x.conf", {"app@two.service"}),
-        (f"{CONFIG}/pod-.service.d/x.conf", {"pod-a-web.service", "pod-b.service"}),
-        (f"{CONFIG}/pod-a-.service.d/x.conf", {"pod-a-web.service"}),
-        (f"{CONFIG}/service.d/x.conf", {"web.service", "app@one.service", "app@two.service",
-                                         "pod-a-web.service", "pod-b.service"}),
-        (f"{CONFIG}/timers.target.wants/backup.timer", {"backup.timer"}),
-        (f"{CONFIG}/new.service", {"new.service"}),
-        ("/elsewhere/x.service", set()),
-    ])
+    @pytest.mark.parametrize(
+        ("path", "expected"),
+        [
+            (f"{CONFIG}/web.service", {"web.service"}),
+            (f"{CONFIG}/web.service.d/a.conf", {"web.service"}),
+            (f"{CONFIG}/web.service.d/new.conf", {"web.service"}),
+            (
+                f"{CONFIG}/app@.service.d/x.conf",
+                {"app@one.service", "app@two.service", "app@.service"},
+            ),
+            (f"{CONFIG}/app@two.service.d/x.conf", {"app@two.service"}),
+            (f"{CONFIG}/pod-.service.d/x.conf", {"pod-a-web.service", "pod-b.service"}),
+            (f"{CONFIG}/pod-a-.service.d/x.conf", {"pod-a-web.service"}),
+            (
+                f"{CONFIG}/service.d/x.conf",
+                {
+                    "web.service",
+                    "app@one.service",
+                    "app@two.service",
+                    "pod-a-web.service",
+                    "pod-b.service",
+                },
+            ),
+            (f"{CONFIG}/timers.target.wants/backup.timer", {"backup.timer"}),
+            (f"{CONFIG}/new.service", {"new.service"}),
+            ("/elsewhere/x.service", set()),
+        ],
+    )
     def test_affected(self, path: str, expected: set[str]) -> None:
         """Each kind of path maps to the units systemd would read it for, and no others."""
         assert PathIndex.build(UNITS).affected(path, DIRS) == expected

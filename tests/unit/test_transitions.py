@@ -16,7 +16,9 @@ class TestDiff:
         assert [(t.state, t.finding.since) for t in transitions] == [("detected", 10.0)]
         current, transitions = diff(current, [B], now=20.0)
         assert sorted((t.state, t.finding.kind.value) for t in transitions) == [
-            ("detected", "stale-load"), ("resolved", "link-replaced")]
+            ("detected", "stale-load"),
+            ("resolved", "link-replaced"),
+        ]
 
     def test_since_is_kept_while_open(self) -> None:
         """A finding that stays open keeps its original since and makes no transition."""

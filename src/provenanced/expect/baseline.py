@@ -29,12 +29,18 @@ def load_baseline(state_dir: str) -> dict[str, BaselineEntry] | None:
     try:
         return {
             path: BaselineEntry(
-                path, FileKind(entry["kind"]), entry.get("target"), entry.get("resolved"), entry.get("sha256")
+                path,
+                FileKind(entry["kind"]),
+                entry.get("target"),
+                entry.get("resolved"),
+                entry.get("sha256"),
             )
             for path, entry in document["entries"].items()
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise StateError(f"baseline {path} is malformed ({exc}); run 'provenanced baseline accept'") from exc
+        raise StateError(
+            f"baseline {path} is malformed ({exc}); run 'provenanced baseline accept'"
+        ) from exc
 
 
 def entries_from_facts(facts: Iterable[FileFact]) -> dict[str, BaselineEntry]:
@@ -52,7 +58,12 @@ def save_baseline(state_dir: str, entries: Mapping[str, BaselineEntry]) -> str:
         "version": _VERSION,
         "accepted_at": time.time(),
         "entries": {
-            path: {"kind": e.kind.value, "target": e.target, "resolved": e.resolved, "sha256": e.sha256}
+            path: {
+                "kind": e.kind.value,
+                "target": e.target,
+                "resolved": e.resolved,
+                "sha256": e.sha256,
+            }
             for path, e in sorted(entries.items())
         },
     }

@@ -28,8 +28,12 @@ def write_file(directory: str, name: str, data: bytes, mode: int = 0o600) -> Non
     """Replace ``directory/name`` with ``data`` atomically; a reader sees old or new, never half."""
     with open_dir(directory) as dfd:
         temp = _temp_name(name)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                     dir_fd=dfd)
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            mode,
+            dir_fd=dfd,
+        )
         try:
             with os.fdopen(fd, "wb", closefd=True) as handle:
                 handle.write(data)

@@ -62,7 +62,16 @@ class FactReader:
         sha, error = (None, None)
         if stat.S_ISREG(target_st.st_mode):
             sha, error = self._hash(resolved, target_st)
-        return _fact(path, FileKind.SYMLINK, st, target_st, target=target, resolved=resolved, sha=sha, error=error)
+        return _fact(
+            path,
+            FileKind.SYMLINK,
+            st,
+            target_st,
+            target=target,
+            resolved=resolved,
+            sha=sha,
+            error=error,
+        )
 
     def _hash(self, path: str, st: os.stat_result) -> tuple[str | None, str | None]:
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -28,8 +28,11 @@ DETECTION_LATENCY_BUCKETS: Final = (
 RESYNC_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 ActionResult = Literal["ok", "failed"]
+# A reload may also be held back: a job is queued or a defer_while_active unit is activating.
+ReloadResult = Literal["ok", "failed", "deferred"]
 AlertResult = Literal["ok", "error"]
 ACTION_RESULTS: Final[tuple[ActionResult, ...]] = ("ok", "failed")
+RELOAD_RESULTS: Final[tuple[ReloadResult, ...]] = ("ok", "failed", "deferred")
 ALERT_RESULTS: Final[tuple[AlertResult, ...]] = ("ok", "error")
 
 
@@ -123,8 +126,8 @@ class Telemetry:
             for action_result in ACTION_RESULTS:
                 self._heals.labels(kind=kind, result=action_result)
         for trigger in reload_triggers:
-            for action_result in ACTION_RESULTS:
-                self._reloads.labels(trigger=trigger, result=action_result)
+            for reload_result in RELOAD_RESULTS:
+                self._reloads.labels(trigger=trigger, result=reload_result)
         for sink in ALERT_SINKS:
             for alert_result in ALERT_RESULTS:
                 self._alerts.labels(sink=sink, result=alert_result)
@@ -134,7 +137,7 @@ class Telemetry:
         counter = self._detected if t.state == "detected" else self._resolved
         counter.labels(kind=t.finding.kind.value).inc()
 
-    def record_reload(self, trigger: str, result: ActionResult) -> None:
+    def record_reload(self, trigger: str, result: ReloadResult) -> None:
         """Count one daemon-reload request and its outcome."""
         self._reloads.labels(trigger=trigger, result=result).inc()
 

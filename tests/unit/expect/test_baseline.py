@@ -14,7 +14,13 @@ from provenanced.model import FileFact, FileKind
 def facts() -> list[FileFact]:
     return [
         FileFact("/u/a.service", FileKind.FILE, sha256="aa"),
-        FileFact("/u/b.service", FileKind.SYMLINK, target="/nix/store/b", resolved="/nix/store/b", sha256="bb"),
+        FileFact(
+            "/u/b.service",
+            FileKind.SYMLINK,
+            target="/nix/store/b",
+            resolved="/nix/store/b",
+            sha256="bb",
+        ),
         FileFact("/u/gone.service", FileKind.MISSING),
     ]
 

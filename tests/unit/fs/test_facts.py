@@ -28,7 +28,11 @@ class TestFactReader:
         link = tmp_path / "a.service"
         link.symlink_to(target)
         fact = FactReader().read(str(link))
-        assert (fact.kind, fact.target, fact.resolved) == (FileKind.SYMLINK, str(target), str(target))
+        assert (fact.kind, fact.target, fact.resolved) == (
+            FileKind.SYMLINK,
+            str(target),
+            str(target),
+        )
         assert fact.sha256 == hashlib.sha256(b"x").hexdigest()
         assert not fact.dangling
 
@@ -77,4 +81,9 @@ class TestScan:
         (tmp_path / "default.target.wants" / "a.service").symlink_to(tmp_path / "a.service")
         (tmp_path / "loop.service.d").symlink_to(tmp_path)
         found = sorted(os.path.relpath(p, tmp_path) for p in scan_unit_dir(str(tmp_path)))
-        assert found == ["a.service", "a.service.d/x.conf", "default.target.wants/a.service", "loop.service.d"]
+        assert found == [
+            "a.service",
+            "a.service.d/x.conf",
+            "default.target.wants/a.service",
+            "loop.service.d",
+        ]

@@ -1,0 +1,208 @@
+"""What the daemon does about drift: reload the manager when allowed, heal links when opted in."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import posixpath
+import stat
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from provenanced.config import HEALABLE, PolicySettings
+from provenanced.fs import atomic
+from provenanced.fs.facts import FactReader
+from provenanced.model import ExpectedLink, FileFact, FileKind, Finding, UnitDir
+from provenanced.systemd import manager
+from provenanced.systemd.bus import ManagerConnection
+from provenanced.unitpath import USER_TIERS, locate
+
+_HOUR = 3600.0
+
+
+class ReloadGate:
+    """Decides whether an automatic reload may happen now: budget per hour, nothing busy."""
+
+    def __init__(self, policy: PolicySettings, history: Iterable[float] = ()) -> None:
+        self.policy = policy
+        self.history: deque[float] = deque(history)
+
+    def within_budget(self, now: float) -> bool:
+        """Fewer than ``max_reloads_per_hour`` reloads in the last hour."""
+        while self.history and now - self.history[0] >= _HOUR:
+            self.history.popleft()
+        return len(self.history) < self.policy.max_reloads_per_hour
+
+    async def may_reload(self, conn: ManagerConnection, now: float) -> bool:
+        """Within budget, no job queued, and no unit matching ``defer_while_active`` activating."""
+        if not self.within_budget(now):
+            return False
+        if await manager.list_jobs(conn):
+            return False
+        patterns = self.policy.defer_while_active
+        if patterns:
+            for unit in await manager.list_units(conn):
+                if unit.active_state == "activating" and any(
+                    fnmatch.fnmatchcase(unit.name, p) for p in patterns
+                ):
+                    return False
+        return True
+
+    def record(self, now: float) -> None:
+        """Count one reload against the budget."""
+        self.history.append(now)
+
+
+async def reload_manager(conn: ManagerConnection, units: Iterable[str]) -> tuple[bool, str]:
+    """Reload the manager, then check that NeedDaemonReload cleared for the units that needed it."""
+    names = sorted(set(units))
+    await manager.reload(conn)
+    records = await manager.get_unit_records(conn, names)
+    still = sorted(name for name, record in records.items() if record.need_daemon_reload)
+    if still:
+        return False, f"NeedDaemonReload is still yes after the reload for: {', '.join(still)}"
+    return True, f"reloaded; {len(names)} stale unit(s) now current: {', '.join(names)}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealOutcome:
+    """What one heal attempt did."""
+
+    ok: bool
+    detail: str
+    quarantined: str | None = None
+
+
+class HealError(Exception):
+    """A heal precondition failed; nothing was touched."""
+
+
+class Healer:
+    """Puts Home Manager's expected link back, after moving whatever was there into quarantine."""
+
+    def __init__(self, state_dir: str, home: str) -> None:
+        self.quarantine_root = posixpath.join(state_dir, "quarantine")
+        self.home = home
+        self._reader = FactReader()
+
+    @staticmethod
+    def wants(finding: Finding, policy: PolicySettings) -> bool:
+        """Whether policy opts this finding's kind into healing."""
+        return finding.kind in HEALABLE and policy.heal.get(finding.kind) == "heal"
+
+    def heal(
+        self,
+        finding: Finding,
+        examined: FileFact | None,
+        expected: ExpectedLink | None,
+        unit_dirs: Iterable[UnitDir],
+    ) -> HealOutcome:
+        """Quarantine the current file (if any) and place the expected link; abort untouched on doubt."""
+        try:
+            self._check(finding.path, examined, expected, unit_dirs)
+            assert expected is not None and examined is not None
+            quarantined = (
+                self._quarantine(finding, examined)
+                if examined.kind is not FileKind.MISSING
+                else None
+            )
+            directory, name = posixpath.split(finding.path)
+            atomic.place_symlink(directory, name, expected.target)
+        except HealError as exc:
+            return HealOutcome(False, f"not healed: {exc}")
+        except OSError as exc:
+            return HealOutcome(False, f"not healed: {exc.strerror or exc} ({finding.path})")
+        moved = f"moved the old file to {quarantined}; " if quarantined else ""
+        return HealOutcome(True, f"{moved}linked {finding.path} -> {expected.target}", quarantined)
+
+    def _check(
+        self,
+        path: str,
+        examined: FileFact | None,
+        expected: ExpectedLink | None,
+        unit_dirs: Iterable[UnitDir],
+    ) -> None:
+        if expected is None:
+            raise HealError("only links Home Manager's current generation places can be healed")
+        if examined is None:
+            raise HealError("the file was never examined")
+        if not os.path.exists(expected.target):
+            raise HealError(f"the expected target {expected.target} does not exist")
+        loc = locate(path, {d.path: d for d in unit_dirs})
+        if loc is None or loc.unit_dir.tier not in USER_TIERS:
+            raise HealError(f"{path} is not inside a user unit directory")
+        parent = posixpath.dirname(path)
+        if os.path.realpath(parent) != parent:
+            raise HealError(f"a parent of {path} is a symlink; refusing to write through it")
+        current = self._reader.read(path)
+        if (current.kind, current.inode, current.mtime_ns, current.sha256, current.target) != (
+            examined.kind,
+            examined.inode,
+            examined.mtime_ns,
+            examined.sha256,
+            examined.target,
+        ):
+            raise HealError(f"{path} changed since it was examined")
+
+    def _quarantine(self, finding: Finding, examined: FileFact) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        relative = posixpath.relpath(finding.path, self.home)
+        if relative.startswith(".."):
+            relative = finding.path.lstrip("/")
+        destination = posixpath.join(self.quarantine_root, stamp, relative)
+        q_dir, q_name = posixpath.split(destination)
+        os.makedirs(q_dir, mode=0o700, exist_ok=True)
+        directory, name = posixpath.split(finding.path)
+        with atomic.open_dir(directory) as src_fd, atomic.open_dir(q_dir) as dst_fd:
+            try:
+                os.rename(name, q_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            except OSError as exc:
+                if exc.errno != 18:  # EXDEV: the state dir is on another file system
+                    raise
+                _copy_then_unlink(src_fd, name, dst_fd, q_name, examined)
+            os.fsync(dst_fd)
+        sidecar = {
+            "original_path": finding.path,
+            "kind": examined.kind.value,
+            "sha256": examined.sha256,
+            "mode": oct(examined.mode) if examined.mode is not None else None,
+            "uid": examined.uid,
+            "target": examined.target,
+            "reason": f"{finding.kind.value}: {finding.detail}",
+            "quarantined_at": time.time(),
+        }
+        atomic.write_file(
+            q_dir, f"{q_name}.provenanced.json", json.dumps(sidecar, indent=1).encode()
+        )
+        return destination
+
+
+def _copy_then_unlink(src_fd: int, name: str, dst_fd: int, q_name: str, examined: FileFact) -> None:
+    """Cross-device move: the copy is durable in quarantine before the original goes."""
+    st = os.lstat(name, dir_fd=src_fd)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(name, dir_fd=src_fd), q_name, dir_fd=dst_fd)
+    else:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+        try:
+            dst = os.open(
+                q_name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dst_fd,
+            )
+            try:
+                while chunk := os.read(src, 1 << 16):
+                    os.write(dst, chunk)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=src_fd)

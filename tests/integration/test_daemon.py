@@ -1,0 +1,340 @@
+"""The event-driven daemon against a real sandboxed user manager: detect, reload, heal, recover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from provenanced.config import Settings
+from provenanced.daemon import Daemon
+from provenanced.model import FindingKind
+from provenanced.sandbox import Sandbox, build_generation, example_units
+
+pytestmark = pytest.mark.integration
+
+WEB = "podman-web.service"
+
+
+async def eventually(
+    predicate: Callable[[], object], timeout: float = 15.0, message: str = ""
+) -> None:
+    """Yield to the daemon's loop until a condition holds (bounded), never a fixed sleep."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def settings_for(sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object) -> Settings:
+    return Settings(
+        state_dir=sandbox.state_dir,
+        manager=manager or {},
+        metrics={"listen": "127.0.0.1:0"},
+        policy={"quiet_window": 0.2, "alert_min_interval": 0, **policy},
+        log={"format": "logfmt", "level": "warning"},
+    )
+
+
+class Running:
+    """A daemon on the test's own event loop, with handles to poke it."""
+
+    def __init__(self, daemon: Daemon, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        self.daemon, self.stop, self.task = daemon, stop, task
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return self.daemon.engine
+
+    def kinds(self) -> set[tuple[str, str, str]]:
+        return {(f.kind.value, f.unit, f.path) for f in self.engine.status.findings}
+
+    def has(self, kind: FindingKind, path: Path | str) -> bool:
+        return any(f.kind is kind and f.path == str(path) for f in self.engine.status.findings)
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.daemon.telemetry.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def start_daemon(
+    sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object
+) -> AsyncIterator[Running]:
+    daemon = Daemon(settings_for(sandbox, manager, **policy), env=sandbox.env)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop), name="test.daemon")
+    running = Running(daemon, stop, task)
+    try:
+        await eventually(daemon.engine.ready.is_set, 30)
+        yield running
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+
+@pytest.fixture
+async def daemon(fresh_sandbox: Sandbox) -> AsyncIterator[Running]:
+    async with start_daemon(fresh_sandbox) as running:
+        yield running
+
+
+class TestDetection:
+    async def test_clean_tree_is_clean_and_ready(self, daemon: Running) -> None:
+        """After the first full audit the daemon is ready, connected and sees no drift."""
+        assert daemon.engine.connected.is_set()
+        assert daemon.kinds() == set()
+        assert daemon.engine.status.ready
+
+    async def test_link_replaced_then_restored(
+        self, fresh_sandbox: Sandbox, daemon: Running
+    ) -> None:
+        """A managed link replaced by a regular file is found, and resolved when the link is back."""
+        path = fresh_sandbox.config_dir / WEB
+        target = os.readlink(path)
+        content = path.read_bytes()
+        path.unlink()
+        path.write_bytes(content)
+        await eventually(lambda: daemon.has(FindingKind.LINK_REPLACED, path))
+        path.unlink()
+        path.symlink_to(target)
+        await eventually(lambda: not daemon.has(FindingKind.LINK_REPLACED, path))
+        assert daemon.sample("provenanced_findings_resolved_total", kind="link-replaced") >= 1
+
+    async def test_new_dropin_directory_is_watched(
+        self, fresh_sandbox: Sandbox, daemon: Running
+    ) -> None:
+        """A drop-in directory created after start is watched and its files audited."""
+        dropin = fresh_sandbox.config_dir / "backup.service.d" / "late.conf"
+        dropin.parent.mkdir()
+        dropin.write_text("[Service]\nEnvironment=LATE=1\n")
+        await eventually(lambda: daemon.has(FindingKind.UNMANAGED_DROPIN, dropin))
+
+
+class TestReload:
+    async def test_fragment_edit_is_reloaded(self, fresh_sandbox: Sandbox) -> None:
+        """An edited fragment gives stale-load; the daemon reloads and NeedDaemonReload clears."""
+        unit = fresh_sandbox.config_dir / "local.service"
+        unit.write_text("[Service]\nExecStart=/bin/sleep infinity\n")
+        fresh_sandbox.daemon_reload()
+        fresh_sandbox.systemctl("start", "local.service")
+        async with start_daemon(fresh_sandbox) as running:
+            unit.write_text("[Service]\nExecStart=/bin/sleep infinity\nEnvironment=X=1\n")
+            await eventually(
+                lambda: (
+                    running.sample(
+                        "provenanced_reloads_total", trigger="need-daemon-reload", result="ok"
+                    )
+                    >= 1
+                )
+            )
+            assert (
+                fresh_sandbox.show("local.service", "NeedDaemonReload")["NeedDaemonReload"] == "no"
+            )
+            await eventually(lambda: not running.has(FindingKind.STALE_LOAD, unit))
+
+    async def test_retarget_with_older_mtime_is_stale(self, fresh_sandbox: Sandbox) -> None:
+        """A link moved to another store file with an older mtime fools systemd, not the daemon."""
+        async with start_daemon(fresh_sandbox, need_daemon_reload="flag") as running:
+            files = example_units()
+            key = ".config/systemd/user/podman-web.service"
+            files[key] = (
+                files[key].replace("WEB", "WEB").replace("Restart=on-failure", "Restart=always")
+            )
+            gen = build_generation(fresh_sandbox.store, files, name_hint="next")
+            new_target = gen.home_files / key
+            os.utime(new_target.resolve(), (1_000_000, 1_000_000))
+            link = fresh_sandbox.config_dir / WEB
+            tmp = link.with_name(".tmp-link")
+            tmp.symlink_to(new_target)
+            tmp.rename(link)
+            await eventually(lambda: running.has(FindingKind.STALE_LOAD, link))
+            assert fresh_sandbox.show(WEB, "NeedDaemonReload")["NeedDaemonReload"] == "no"
+
+    async def test_reload_deferred_while_home_manager_activates(
+        self, fresh_sandbox: Sandbox, tmp_path: Path
+    ) -> None:
+        """No reload while a home-manager-*.service is activating; it happens once that finishes."""
+        flag = tmp_path / "release"
+        hm = fresh_sandbox.config_dir / "home-manager-test.service"
+        hm.write_text(
+            "[Service]\nType=oneshot\n"
+            f"ExecStart=/bin/sh -c 'while [ ! -e {flag} ]; do sleep 0.05; done'\n"
+        )
+        local = fresh_sandbox.config_dir / "local.service"
+        local.write_text("[Service]\nExecStart=/bin/sleep infinity\n")
+        fresh_sandbox.daemon_reload()
+        fresh_sandbox.systemctl("start", "local.service")
+        async with start_daemon(fresh_sandbox) as running:
+            fresh_sandbox.systemctl("start", "--no-block", "home-manager-test.service")
+            local.write_text("[Service]\nExecStart=/bin/sleep infinity\nEnvironment=Y=2\n")
+            await eventually(
+                lambda: (
+                    running.sample(
+                        "provenanced_reloads_total", trigger="need-daemon-reload", result="deferred"
+                    )
+                    >= 1
+                )
+            )
+            assert (
+                running.sample(
+                    "provenanced_reloads_total", trigger="need-daemon-reload", result="ok"
+                )
+                == 0
+            )
+            flag.touch()
+            await eventually(
+                lambda: (
+                    running.sample(
+                        "provenanced_reloads_total", trigger="need-daemon-reload", result="ok"
+                    )
+                    >= 1
+                )
+            )
+
+
+class TestHeal:
+    async def test_heal_link_replaced_quarantines_byte_identical(
+        self, fresh_sandbox: Sandbox
+    ) -> None:
+        """Heal moves the replaced file to quarantine unchanged and puts the managed link back."""
+        async with start_daemon(fresh_sandbox, heal={"link-replaced": "heal"}) as running:
+            path = fresh_sandbox.config_dir / "backup.timer"
+            expected_target = os.readlink(path)
+            payload = b"[Timer]\nOnCalendar=hourly\n# hand edit\n"
+            path.unlink()
+            path.write_bytes(payload)
+            await eventually(lambda: path.is_symlink() and os.readlink(path) == expected_target)
+            sidecars = list((fresh_sandbox.state_dir / "quarantine").rglob("*.provenanced.json"))
+            assert len(sidecars) == 1
+            meta = json.loads(sidecars[0].read_text())
+            assert meta["original_path"] == str(path)
+            quarantined = Path(str(sidecars[0]).removesuffix(".provenanced.json"))
+            assert quarantined.read_bytes() == payload
+            assert (
+                running.sample("provenanced_heals_total", kind="link-replaced", result="ok") == 1
+            )
+            await eventually(lambda: not running.has(FindingKind.LINK_REPLACED, path))
+
+
+class TestRecovery:
+    async def test_manager_restart_resyncs(self, fresh_sandbox: Sandbox) -> None:
+        """The manager killed and started again: the daemon reconnects and sees drift made meanwhile."""
+        async with start_daemon(fresh_sandbox, manager={"reconnect_max_delay": 0.5}) as running:
+            resyncs = running.engine.resyncs
+            fresh_sandbox.restart_manager()
+            extra = fresh_sandbox.config_dir / "extra.service"
+            extra.write_text("[Service]\nExecStart=/bin/true\n")
+            await eventually(
+                lambda: running.engine.resyncs > resyncs and running.engine.connected.is_set(), 30
+            )
+            await eventually(lambda: running.has(FindingKind.UNMANAGED_UNIT, extra), 30)
+            assert running.sample("provenanced_dbus_reconnects_total") >= 1
+
+    async def test_daemon_reexec_keeps_following(self, fresh_sandbox: Sandbox) -> None:
+        """After daemon-reexec the daemon still hears the manager and still detects drift."""
+        async with start_daemon(fresh_sandbox) as running:
+            fresh_sandbox.systemctl("daemon-reexec")
+            await eventually(running.engine.connected.is_set, 30)
+            resyncs = running.engine.resyncs
+            fresh_sandbox.daemon_reload()
+            await eventually(lambda: running.engine.resyncs > resyncs, 30)
+
+    async def test_inotify_overflow_resyncs(self, fresh_sandbox: Sandbox) -> None:
+        """With a tiny kernel queue, a burst overflows it; a full resync still finds the truth."""
+        knob = Path("/proc/sys/fs/inotify/max_queued_events")
+        old = knob.read_text()
+        knob.write_text("8\n")
+        try:
+            async with start_daemon(fresh_sandbox) as running:
+                # A burst with no await in between: the kernel queue overflows before we read it.
+                for index in range(64):
+                    (fresh_sandbox.config_dir / f"extra-{index}.service").write_text(
+                        "[Service]\nExecStart=/bin/true\n"
+                    )
+                await eventually(lambda: running.sample("provenanced_inotify_overflows_total") >= 1)
+                await eventually(
+                    lambda: sum(1 for k in running.kinds() if k[0] == "unmanaged-unit") == 64
+                )
+        finally:
+            knob.write_text(old)
+
+
+class TestRestartVerify:
+    def test_condition_failure_is_not_verified(self, fresh_sandbox: Sandbox) -> None:
+        """systemctl restart says 0 for a unit whose condition failed; restart --verify says 1."""
+        unit = fresh_sandbox.config_dir / "cond.service"
+        unit.write_text(
+            "[Unit]\nConditionPathExists=/nonexistent/flag\n[Service]\nType=oneshot\nExecStart=/bin/true\n"
+        )
+        fresh_sandbox.daemon_reload()
+        assert fresh_sandbox.systemctl("restart", "cond.service", check=False).returncode == 0
+        result = subprocess.run(
+            [sys.executable, "-m", "provenanced", "restart", "--verify", "cond.service"],
+            env=fresh_sandbox.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "condition" in result.stderr.lower()
+
+    def test_success_is_verified(self, fresh_sandbox: Sandbox) -> None:
+        """A oneshot that ran and exited 0 verifies."""
+        result = subprocess.run(
+            [sys.executable, "-m", "provenanced", "restart", "--verify", "backup.service"],
+            env=fresh_sandbox.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
+    def test_nonzero_exit_is_not_verified(self, fresh_sandbox: Sandbox) -> None:
+        """A oneshot whose verification step fails makes restart --verify exit 1 with the status."""
+        unit = fresh_sandbox.config_dir / "verify-fails.service"
+        unit.write_text("[Service]\nType=oneshot\nExecStart=/bin/sh -c 'exit 3'\n")
+        fresh_sandbox.daemon_reload()
+        result = subprocess.run(
+            [sys.executable, "-m", "provenanced", "restart", "--verify", "verify-fails.service"],
+            env=fresh_sandbox.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert "Result" in result.stderr or "status" in result.stderr
+
+
+class TestSignals:
+    def test_sigterm_exits_cleanly(self, fresh_sandbox: Sandbox) -> None:
+        """`provenanced run` stops on SIGTERM with exit 0."""
+        env = {**fresh_sandbox.env, "PROVENANCED_METRICS__LISTEN": "127.0.0.1:0"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "provenanced", "run"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "manager.connected" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
