@@ -18,20 +18,29 @@ def judge(
     result: manager.ServiceResult, job_result: str, before_invocation: str | None = None
 ) -> str | None:
     """Why the unit did not verify after its job, or None when it did."""
+    reason = _unit_reason(result)
     if job_result != "done":
-        return f"the job ended '{job_result}'"
+        return f"the job ended '{job_result}'" + (f": {reason}" if reason else "")
+    if (
+        reason is None
+        and before_invocation is not None
+        and result.invocation_id == before_invocation
+    ):
+        return "the unit did not run (its InvocationID did not change)"
+    return reason
+
+
+def _unit_reason(result: manager.ServiceResult) -> str | None:
     if not result.condition_result:
         return "a start condition failed (ConditionResult=no): the unit did not run"
     if not result.assert_result:
         return "a start assertion failed (AssertResult=no)"
+    if result.exec_main_code == _CLD_EXITED and result.exec_main_status != 0:
+        return f"the main process exited with status {result.exec_main_status} (Result={result.result})"
     if result.result != "success":
         return f"the unit's Result is '{result.result}'"
-    if result.exec_main_code == _CLD_EXITED and result.exec_main_status != 0:
-        return f"the main process exited with status {result.exec_main_status}"
     if result.active_state == "failed":
         return "the unit is in the failed state"
-    if before_invocation is not None and result.invocation_id == before_invocation:
-        return "the unit did not run (its InvocationID did not change)"
     return None
 
 
