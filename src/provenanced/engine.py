@@ -8,8 +8,9 @@ import os
 import posixpath
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 
@@ -119,6 +120,7 @@ class Engine:
         self._last_change = time.monotonic()
         self._transport = ""
         self.resyncs = 0
+        self._tg: asyncio.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Engine:
         reload_config = reload_config or asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tg.create_task(self.follow_manager(), name="manager.follow")
                 tg.create_task(self.reconcile_changes(), name="engine.reconcile")
                 tg.create_task(self.send_held_alerts(), name="alerts.flush")
@@ -146,6 +149,11 @@ class Engine:
                 self._watcher.close()
             if self._conn is not None:
                 await self._conn.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Start a task inside the engine's task group, so a crash in it ends the daemon too."""
+        assert self._tg is not None, "the engine is not running"
+        self._tg.create_task(coro, name=name)
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
@@ -232,7 +240,7 @@ class Engine:
                 and self._conn is not None
             ):
                 # Verification needs D-Bus reads; it runs as its own small task of the loop.
-                asyncio.get_running_loop().create_task(self._verify_job(event), name="jobs.verify")
+                self._spawn(self._verify_job(event), "jobs.verify")
         elif isinstance(event, manager.UnitNew | manager.UnitRemoved):
             self._changes.put_nowait(UnitsChanged(event.name, time.monotonic()))
 
@@ -264,7 +272,7 @@ class Engine:
         self._watcher = UnitDirWatcher(roots, extra)
         self._watcher.refresh()
         watcher = self._watcher
-        asyncio.get_running_loop().create_task(self._watch_files(watcher), name="fs.watch")
+        self._spawn(self._watch_files(watcher), "fs.watch")
 
     async def _watch_files(self, watcher: UnitDirWatcher) -> None:
         with contextlib.suppress(ValueError, OSError):  # the watcher was closed and replaced

@@ -142,8 +142,8 @@ async def load_unit(conn: ManagerConnection, name: str) -> str | None:
 
 
 async def reload(conn: ManagerConnection, timeout: float = RELOAD_TIMEOUT) -> None:
-    """daemon-reload; the manager replies only once the reload is complete."""
-    await conn.call("Reload", timeout=max(timeout, conn.timeout))
+    """daemon-reload; the manager replies only once the reload is complete, hence the long wait."""
+    await conn.call("Reload", timeout=timeout)
 
 
 async def restart_unit(conn: ManagerConnection, name: str, mode: str = "replace") -> str:
