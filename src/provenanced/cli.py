@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from provenanced import __version__
-from provenanced.audit import audit, describe
+from provenanced.audit import audit
 from provenanced.config import Settings, load_settings
+from provenanced.describe import describe
 from provenanced.errors import ProvenancedError, UsageError
 from provenanced.expect import baseline
 from provenanced.model import Finding

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from provenanced.audit import audit, definition_hash, describe, home_manager_files_dir, vouch
+from provenanced.audit import audit, definition_hash, home_manager_files_dir, vouch
+from provenanced.describe import describe
 from provenanced.model import (
     BaselineEntry,
     Expectations,

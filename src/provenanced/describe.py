@@ -1,0 +1,83 @@
+"""Where each file of one unit's definition comes from: the pure core of ``provenanced show``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from provenanced.audit import vouch
+from provenanced.model import (
+    Expectations,
+    FileFact,
+    FileKind,
+    Observation,
+    Owner,
+    UnitDir,
+    UnitRecord,
+)
+from provenanced.unitpath import SYSTEM_TIERS, locate
+
+
+@dataclass(frozen=True, slots=True)
+class FileProvenance:
+    """Where one file of a unit's definition comes from (a row of ``provenanced show``)."""
+
+    path: str
+    tier: str
+    kind: str
+    target: str | None
+    owner: Owner
+    sha256: str | None
+
+    def to_json(self) -> dict[str, str | None]:
+        """The ``show --json`` shape of one file."""
+        return {
+            "path": self.path,
+            "tier": self.tier,
+            "kind": self.kind,
+            "target": self.target,
+            "owner": self.owner.value,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UnitProvenance:
+    """A unit with its fragment and drop-ins in priority order."""
+
+    unit: str
+    load_state: str
+    need_daemon_reload: bool
+    fragment: FileProvenance | None
+    dropins: tuple[FileProvenance, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """The ``show --json`` shape of one unit."""
+        return {
+            "unit": self.unit,
+            "load_state": self.load_state,
+            "need_daemon_reload": self.need_daemon_reload,
+            "fragment": self.fragment.to_json() if self.fragment else None,
+            "dropins": [d.to_json() for d in self.dropins],
+        }
+
+
+def _describe_file(
+    path: str, obs: Observation, exp: Expectations, dirs: Mapping[str, UnitDir]
+) -> FileProvenance:
+    fact = obs.facts.get(path) or FileFact(path, FileKind.MISSING)
+    loc = locate(path, dirs)
+    tier = loc.unit_dir.tier if loc else None
+    kind = "masked" if fact.masked or path == "/dev/null" else fact.kind.value
+    owner = vouch(path, fact, exp, tier_is_system=tier in SYSTEM_TIERS)
+    return FileProvenance(
+        path, tier.value if tier else "custom", kind, fact.target, owner, fact.sha256
+    )
+
+
+def describe(unit: UnitRecord, obs: Observation, exp: Expectations) -> UnitProvenance:
+    """Where each piece of one unit's definition comes from."""
+    dirs = {d.path: d for d in obs.unit_dirs}
+    fragment = _describe_file(unit.fragment_path, obs, exp, dirs) if unit.fragment_path else None
+    dropins = tuple(_describe_file(p, obs, exp, dirs) for p in unit.dropin_paths)
+    return UnitProvenance(unit.name, unit.load_state, unit.need_daemon_reload, fragment, dropins)
