@@ -33,7 +33,9 @@ async def eventually(
             await asyncio.sleep(0.02)
 
 
-def settings_for(sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object) -> Settings:
+def settings_for(
+    sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object
+) -> Settings:
     return Settings(
         state_dir=sandbox.state_dir,
         manager=manager or {},
@@ -219,9 +221,7 @@ class TestHeal:
             assert meta["original_path"] == str(path)
             quarantined = Path(str(sidecars[0]).removesuffix(".provenanced.json"))
             assert quarantined.read_bytes() == payload
-            assert (
-                running.sample("provenanced_heals_total", kind="link-replaced", result="ok") == 1
-            )
+            assert running.sample("provenanced_heals_total", kind="link-replaced", result="ok") == 1
             await eventually(lambda: not running.has(FindingKind.LINK_REPLACED, path))
 
 
