@@ -62,6 +62,11 @@ _PARTS = (
         lambda: shutil.which("promtool") is not None,
         _E2E_MARKERS,
     ),
+    _Part(
+        "prometheus on PATH (Debian: prometheus)",
+        lambda: shutil.which("prometheus") is not None,
+        _E2E_MARKERS,
+    ),
 )
 
 

@@ -286,7 +286,7 @@ def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -
                 _unmanaged_kind(loc),
                 unit,
                 path,
-                f"a {loc.unit_dir.tier.value}-tier file that neither Home Manager, a managed root "
+                f"a file in the {loc.unit_dir.tier.value} tier that neither Home Manager, a managed root "
                 "nor the accepted baseline vouches for",
             )
 

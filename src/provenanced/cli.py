@@ -173,7 +173,7 @@ async def _restart(args: argparse.Namespace) -> int:
     settings = _settings(args)
     conn = await _connect(settings)
     try:
-        verdict = await restart_and_verify(conn, args.unit, args.timeout)
+        verdict = await restart_and_verify(conn, args.unit, args.timeout, os.environ)
     finally:
         await conn.close()
     print(verdict.reason, file=sys.stdout if verdict.verified else sys.stderr)
@@ -184,6 +184,38 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     return EXIT_OK
+
+
+async def _install(args: argparse.Namespace) -> int:
+    from provenanced.install import install
+
+    settings = _settings(args)
+    conn = await _connect(settings)
+    try:
+        outcome = await install(
+            conn,
+            os.environ,
+            socket=args.socket,
+            now=args.now,
+            state_dir=settings.resolved_state_dir(os.environ),
+        )
+    finally:
+        await conn.close()
+    print("\n".join(outcome.lines))
+    return EXIT_OK if outcome.ok else EXIT_FINDINGS
+
+
+async def _uninstall(args: argparse.Namespace) -> int:
+    from provenanced.install import uninstall
+
+    settings = _settings(args)
+    conn = await _connect(settings)
+    try:
+        outcome = await uninstall(conn, os.environ)
+    finally:
+        await conn.close()
+    print("\n".join(outcome.lines))
+    return EXIT_OK if outcome.ok else EXIT_FINDINGS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -244,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("unit", metavar="UNIT")
 
     command("check-config", _check_config, "validate and print the effective configuration")
+
+    p = command(
+        "install", lambda a: _run(_install(a)), "install and enable the systemd user service"
+    )
+    p.add_argument("--socket", action="store_true", help="also socket-activate the HTTP port")
+    p.add_argument("--now", action="store_true", help="start the units as well")
+
+    command(
+        "uninstall", lambda a: _run(_uninstall(a)), "stop, disable and remove what install wrote"
+    )
 
     p = command(
         "demo", _demo, "boot a sandboxed user manager with a Home Manager tree and watch it"

@@ -51,6 +51,10 @@ from provenanced.verify import JobTracker
 log = structlog.get_logger("provenanced.engine")
 
 
+# Pause before retrying a re-check the manager failed, so an erroring manager is not hammered.
+_RETRY_DELAY = 1.0
+
+
 class _Shutdown(Exception):
     """Raised inside the task group to end it when ``stop`` is set."""
 
@@ -258,6 +262,7 @@ class Engine:
             self.journal.send_job_unverified(finding)
         if self._obs is not None:
             self._apply(self._obs, time.monotonic())
+            self.publish()
 
     # ---- files -----------------------------------------------------------------------------
 
@@ -324,7 +329,13 @@ class Engine:
                     names = {c.name for c in batch if isinstance(c, UnitsChanged)}
                     await self._resync_paths(paths, names)
             except ManagerCallError as exc:
-                log.warning("engine.resync_failed", error=str(exc))
+                log.warning("engine.resync_failed", error=str(exc), retry_in=_RETRY_DELAY)
+                # The batch's changes are not reflected yet, and nothing else would bring them
+                # back before the backstop (a slow manager sends no signal): retry in full.
+                await asyncio.sleep(_RETRY_DELAY)
+                self._changes.put_nowait(
+                    FullResync("retry after a failed re-check", time.monotonic())
+                )
                 continue
             if started is not None:
                 self.telemetry.observe_detection_latency(time.monotonic() - started)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
+
+from provenanced.errors import ManagerCallError, ManagerUnreachableError
 from provenanced.model import Finding, FindingKind
 from provenanced.systemd import manager
-from provenanced.systemd.bus import ManagerConnection
+from provenanced.systemd.bus import ManagerConnection, resolve_address
+from provenanced.systemd.names import unit_object_path
+
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+log = structlog.get_logger("provenanced.verify")
 
 _CLD_EXITED = 1
 _SETTLING = frozenset({"activating", "deactivating", "reloading", "refreshing"})
@@ -61,6 +70,10 @@ class JobTracker:
 
     def judge(self, event: manager.JobRemoved, result: manager.ServiceResult) -> Finding | None:
         """Open or close the unit's finding; return it when newly opened."""
+        if not result.invocation_id:
+            # The manager already unloaded the unit (GC after its job): its results are gone,
+            # and reading it reloaded a blank copy. Unknown is not "failed".
+            return None
         # A stop job (or a clean oneshot): nothing claimed to run and fail.
         if (
             result.active_state in ("inactive", "deactivating")
@@ -99,7 +112,9 @@ class Verdict:
     reason: str
 
 
-async def restart_and_verify(conn: ManagerConnection, unit: str, timeout: float) -> Verdict:
+async def restart_and_verify(
+    conn: ManagerConnection, unit: str, timeout: float, env: Mapping[str, str] | None = None
+) -> Verdict:
     """Restart ``unit`` through D-Bus, wait for its job and for it to settle, then judge it."""
     removed: dict[str, asyncio.Future[str]] = {}
     loop = asyncio.get_running_loop()
@@ -115,6 +130,7 @@ async def restart_and_verify(conn: ManagerConnection, unit: str, timeout: float)
 
     await manager.subscribe(conn, on_signal)
     before = await manager.get_service_result(conn, unit)
+    pinned = await _pin(conn, unit, env or {})
     try:
         async with asyncio.timeout(timeout):
             job = await manager.restart_unit(conn, unit)
@@ -127,12 +143,58 @@ async def restart_and_verify(conn: ManagerConnection, unit: str, timeout: float)
         return Verdict(
             False, f"timed out after {timeout:g} s waiting for {unit} to restart and settle"
         )
+    finally:
+        if pinned is not None:
+            await _unpin(pinned, unit)
     reason = judge(result, job_result, before.invocation_id or None)
     if reason is None:
         return Verdict(
             True, f"{unit} restarted and verified (Result={result.result}, {result.active_state})"
         )
     return Verdict(False, reason)
+
+
+async def _pin(
+    conn: ManagerConnection, unit: str, env: Mapping[str, str]
+) -> ManagerConnection | None:
+    """Hold a reference on the unit; an unreferenced oneshot is unloaded, results and all, after its job.
+
+    ``Unit.Ref`` tracks the caller's bus name, which a private-socket peer does not have, so the
+    reference is taken over the user bus when there is one.
+    """
+    candidates = [conn]
+    if conn.transport.kind == "private":
+        with contextlib.suppress(ManagerUnreachableError):
+            bus = resolve_address(
+                None, {k: v for k, v in env.items() if k != "XDG_RUNTIME_DIR"} | _bus_env(env)
+            )
+            candidates.append(await ManagerConnection.connect(bus, timeout=conn.timeout))
+    for candidate in candidates:
+        try:
+            await candidate.call("Ref", interface=UNIT_IFACE, path=unit_object_path(unit))
+        except ManagerCallError as exc:
+            log.debug(
+                "verify.pin_failed", unit=unit, transport=candidate.transport.kind, error=str(exc)
+            )
+            continue
+        return candidate
+    for candidate in candidates[1:]:
+        await candidate.close()
+    return None
+
+
+def _bus_env(env: Mapping[str, str]) -> dict[str, str]:
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and not env.get("DBUS_SESSION_BUS_ADDRESS"):
+        return {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={runtime}/bus"}
+    return {}
+
+
+async def _unpin(pinned: ManagerConnection, unit: str) -> None:
+    with contextlib.suppress(ManagerCallError):
+        await pinned.call("Unref", interface=UNIT_IFACE, path=unit_object_path(unit))
+    if pinned.transport.kind != "private":
+        await pinned.close()
 
 
 async def _settled(conn: ManagerConnection, unit: str) -> manager.ServiceResult:

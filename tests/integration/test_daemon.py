@@ -300,6 +300,21 @@ class TestRestartVerify:
         )
         assert result.returncode == 0, result.stderr
 
+    def test_unreferenced_oneshot_success_is_verified(self, fresh_sandbox: Sandbox) -> None:
+        """A oneshot nothing references is unloaded after its job; the pinned reference keeps its result."""
+        unit = fresh_sandbox.config_dir / "lonely.service"
+        unit.write_text("[Service]\nType=oneshot\nExecStart=/bin/true\n")
+        fresh_sandbox.daemon_reload()
+        result = subprocess.run(
+            [sys.executable, "-m", "provenanced", "restart", "--verify", "lonely.service"],
+            env=fresh_sandbox.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
     def test_nonzero_exit_is_not_verified(self, fresh_sandbox: Sandbox) -> None:
         """A oneshot whose verification step fails makes restart --verify exit 1 with the status."""
         unit = fresh_sandbox.config_dir / "verify-fails.service"

@@ -199,7 +199,7 @@ CASES = [
         (f"{ADMIN}/web.service.d/stale.conf",),
         K.UNMANAGED_DROPIN,
         f"{ADMIN}/web.service.d/stale.conf",
-        "admin-tier",
+        "admin tier",
         id="unmanaged-dropin-admin",
     ),
     pytest.param(
@@ -211,7 +211,7 @@ CASES = [
         (f"{CONTROL}/web.service.d/50-CPUQuota.conf",),
         K.UNMANAGED_DROPIN,
         f"{CONTROL}/web.service.d/50-CPUQuota.conf",
-        "control-tier",
+        "control tier",
         id="unmanaged-dropin-control",
     ),
     pytest.param(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -133,17 +134,30 @@ class UnitDirWatcher:
             return []
         base = str(watch.path)
         if Mask.IGNORED in event.mask:
-            self._watches.pop(base, None)
+            # The path may already hold a newer watch (after a move): drop only this one.
+            if self._watches.get(base) is watch:
+                del self._watches[base]
             self.refresh()
             return [PathChanged(base, True, now)]
         if event.name is None:
-            # DELETE_SELF / MOVE_SELF of a watched directory: IGNORED follows and re-watches.
+            if Mask.MOVE_SELF in event.mask:
+                # A watch follows its inode, so it now watches the directory's new place and no
+                # IGNORED comes: let go of it (and those below it) so a new directory here is watched.
+                self._forget(base)
+                self.refresh()
+            # DELETE_SELF: IGNORED follows and re-watches.
             return [PathChanged(base, True, now)]
         path = posixpath.join(base, str(event.name))
         is_dir = Mask.ISDIR in event.mask
         if Mask.CREATE in event.mask or Mask.MOVED_TO in event.mask:
             return self._appeared(base, path, is_dir, now)
         return [PathChanged(path, is_dir, now)]
+
+    def _forget(self, directory: str) -> None:
+        for path in [p for p in self._watches if p == directory or p.startswith(directory + "/")]:
+            # EINVAL: the kernel dropped the watch already; its IGNORED is on its way.
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(self._watches.pop(path))
 
     def _appeared(self, base: str, path: str, is_dir: bool, now: float) -> list[WatchEvent]:
         result: list[WatchEvent] = [PathChanged(path, is_dir, now)]

@@ -1,0 +1,368 @@
+"""``provenanced demo``: the daemon on a throw-away user manager, with drift injected live.
+
+Everything runs in a sandbox (``provenanced.sandbox``): a private ``systemd --user`` over a fake
+Home Manager generation, never the caller's own manager. Ctrl-C or SIGTERM stops the daemon, the
+sandbox and the journald we started, in that order, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from provenanced.config import Settings
+from provenanced.daemon import Daemon
+from provenanced.logging import configure_logging
+from provenanced.model import Finding, FindingKind
+from provenanced.sandbox import Generation, Journald, Sandbox, ensure_journald, example_units
+from provenanced.sinks.journal import DRIFT_DETECTED, JOB_UNVERIFIED, RELOAD_DONE
+
+STEP_PAUSE = 8.0  # seconds between a change and the next one: time to look at the endpoints
+DETECT_TIMEOUT = 20.0
+_POLL = 0.05
+_UNITS = ".config/systemd/user"
+WEB = "podman-web.service"
+REPORT = "nightly-report.service"
+_REPORT_INPUT = ".cache/nightly-report/input"
+_REPORT_UNIT = """\
+[Unit]
+Description=Nightly report (runs only when its input exists)
+ConditionPathExists=%h/.cache/nightly-report/input
+
+[Service]
+Type=oneshot
+ExecStart=/bin/true
+"""
+
+
+_REPORT_TIMER = """\
+[Unit]
+Description=Run the nightly report
+
+[Timer]
+OnCalendar=daily
+
+[Install]
+WantedBy=timers.target
+"""
+
+
+def demo_units() -> dict[str, str]:
+    """The sandbox's example tree plus a timer-run oneshot whose Condition the scenario fails.
+
+    The timer also keeps the oneshot loaded between runs: an unreferenced inactive unit is
+    garbage-collected at once, and a re-loaded one reports ConditionResult=no by default.
+    """
+    timer = REPORT.replace(".service", ".timer")
+    return {
+        **example_units(),
+        f"{_UNITS}/{REPORT}": _REPORT_UNIT,
+        f"{_UNITS}/{timer}": _REPORT_TIMER,
+        f"{_UNITS}/timers.target.wants/{timer}": _REPORT_TIMER,
+    }
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def demo_settings(sandbox: Sandbox, listen: str) -> Settings:
+    """The user's environment may tune logging, never point the demo at a real manager or dir."""
+    base = Settings.model_validate({"policy": {"quiet_window": 1.0, "alert_min_interval": 5.0}})
+    return base.model_copy(
+        update={
+            "state_dir": sandbox.state_dir,
+            "manager": base.manager.model_copy(update={"bus_address": None}),
+            "metrics": base.metrics.model_copy(update={"listen": listen}),
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One drift of the scenario: how to cause it, what to watch, how to undo it."""
+
+    title: str
+    watch: str
+    kind: FindingKind
+    unit: str
+    inject: Callable[[], Awaitable[None]]
+    repair: Callable[[], Awaitable[None]] | None = None
+    resolves: FindingKind | None = None  # what the repair closes, when not ``kind``
+
+
+class Scenario:
+    """Injects the four field failures one after another into the sandbox, then repairs them.
+
+    Files change the way a person's ``cp`` or Home Manager's activation changes them: written
+    beside the tree and renamed into place, so no half-written file is ever seen.
+    """
+
+    def __init__(self, sandbox: Sandbox, generation: Generation, daemon: Daemon) -> None:
+        self.sandbox = sandbox
+        self.generation = generation
+        self.daemon = daemon
+        self.web = sandbox.config_dir / WEB
+        self.dropin = sandbox.admin_dir / f"{WEB}.d" / "50-forgotten.conf"
+        self.report_input = sandbox.home / _REPORT_INPUT
+        self.scratch = sandbox.root / "scratch"
+
+    def steps(self) -> list[Step]:
+        """The scenario, in order; the repairs leave the tree as Home Manager made it."""
+        return [
+            Step(
+                "replace the Home Manager link of podman-web.service by a copy of its target",
+                "a link-replaced finding (latent: same content) and a drift-detected journal entry",
+                FindingKind.LINK_REPLACED,
+                WEB,
+                self._replace_link,
+            ),
+            Step(
+                "edit that copy: podman-web.service on disk now differs from what is loaded",
+                "stale-load, then the daemon reloads the manager (a reload-done journal entry) and "
+                "stale-load resolves; link-replaced turns divergent",
+                FindingKind.STALE_LOAD,
+                WEB,
+                self._edit_fragment,
+                self._restore_link,
+                resolves=FindingKind.LINK_REPLACED,
+            ),
+            Step(
+                f"drop a forgotten override into the admin directory {self.dropin.parent}",
+                "unmanaged-dropin: an admin-tier file that nothing vouches for",
+                FindingKind.UNMANAGED_DROPIN,
+                WEB,
+                self._add_dropin,
+                self._remove_dropin,
+            ),
+            Step(
+                f"remove {REPORT}'s input and `systemctl --user restart` it",
+                "systemctl exits 0, yet job-unverified opens: ConditionPathExists failed and "
+                "nothing ran",
+                FindingKind.JOB_UNVERIFIED,
+                REPORT,
+                self._unverified_restart,
+                self._verified_restart,
+            ),
+        ]
+
+    async def run(self) -> None:
+        """Play every step: inject, wait for the finding, pause, repair, wait for it to close."""
+        await self.daemon.engine.ready.wait()
+        self.scratch.mkdir(exist_ok=True)
+        await asyncio.sleep(STEP_PAUSE / 2)
+        steps = self.steps()
+        for number, step in enumerate(steps, 1):
+            _say(f"\n[step {number}/{len(steps)}] {step.title}")
+            _say(f"           watch for: {step.watch}")
+            started = time.monotonic()
+            await step.inject()
+            await self._wait_for(step.kind, step.unit, started, opened=True)
+            await asyncio.sleep(STEP_PAUSE)
+            if step.repair is not None:
+                _say(f"[step {number}/{len(steps)}] repairing")
+                started = time.monotonic()
+                await step.repair()
+                await self._wait_for(step.resolves or step.kind, step.unit, started, opened=False)
+                await asyncio.sleep(STEP_PAUSE / 2)
+        _say("\nScenario done: every drift was repaired. The daemon keeps watching; Ctrl-C stops.")
+
+    async def _wait_for(
+        self, kind: FindingKind, unit: str, started: float, *, opened: bool
+    ) -> None:
+        """Say when the daemon published the change (bounded wait), from its open findings."""
+        deadline = started + DETECT_TIMEOUT
+        while (self._open(kind, unit) is None) == opened:
+            if time.monotonic() >= deadline:
+                state = "opened" if opened else "closed"
+                _say(f"           (no {kind.value} {state} within {DETECT_TIMEOUT:g} s)")
+                return
+            await asyncio.sleep(_POLL)
+        seconds = time.monotonic() - started
+        finding = self._open(kind, unit)
+        if finding is not None:
+            _say(
+                f"           seen after {seconds:.2f} s: {finding.kind.value} {finding.unit} "
+                f"{finding.path} ({finding.detail})"
+            )
+        else:
+            _say(f"           resolved after {seconds:.2f} s: {kind.value} {unit}")
+
+    def _open(self, kind: FindingKind, unit: str) -> Finding | None:
+        for finding in self.daemon.engine.status.findings:
+            if finding.kind is kind and finding.unit == unit:
+                return finding
+        return None
+
+    def _swap_in(
+        self, path: Path, content: bytes | None = None, target: Path | None = None
+    ) -> None:
+        """Replace ``path`` (never following it) by a file or a symlink built in scratch."""
+        staged = self.scratch / path.name
+        staged.unlink(missing_ok=True)
+        if target is not None:
+            staged.symlink_to(target)
+        else:
+            staged.write_bytes(content or b"")
+            staged.chmod(0o644)
+        os.replace(staged, path)
+
+    async def _replace_link(self) -> None:
+        self._swap_in(self.web, content=self.web.read_bytes())  # read through the link
+
+    async def _edit_fragment(self) -> None:
+        text = self.web.read_text().replace("Restart=on-failure", "Restart=always")
+        self._swap_in(self.web, content=text.encode())
+
+    async def _restore_link(self) -> None:
+        self._swap_in(self.web, target=self.generation.home_files / _UNITS / WEB)
+
+    async def _add_dropin(self) -> None:
+        self.dropin.parent.mkdir(parents=True, exist_ok=True)
+        self._swap_in(self.dropin, content=b"[Service]\nEnvironment=WEB_PORT=9999\n")
+
+    async def _remove_dropin(self) -> None:
+        self.dropin.unlink()
+        self.dropin.parent.rmdir()
+
+    async def _restart(self) -> None:
+        result = await asyncio.to_thread(self.sandbox.systemctl, "restart", REPORT, check=False)
+        _say(f"           systemctl --user restart {REPORT} exited {result.returncode}")
+
+    async def _unverified_restart(self) -> None:
+        self.report_input.unlink()
+        await self._restart()
+
+    async def _verified_restart(self) -> None:
+        self.report_input.write_text("ready\n")
+        await self._restart()
+
+
+def write_env_file(sandbox: Sandbox) -> Path:
+    """A file to source in another shell: systemctl, journalctl and provenanced use the sandbox."""
+    env = dict(sandbox.env)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    path = sandbox.root / "env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def banner(sandbox: Sandbox, env_file: Path, listen: str, scenario: bool) -> Iterator[str]:
+    """Where to look while the demo runs."""
+    host, _, port = listen.rpartition(":")
+    url = f"http://{host}:{port}"
+    yield f"provenanced demo: a throw-away systemd --user in {sandbox.root}"
+    yield f"  Home Manager tree   {sandbox.config_dir}"
+    yield f"  metrics             {url}/metrics"
+    yield f"  findings            {url}/api/v1/findings"
+    yield f"  drift in journald   journalctl -f MESSAGE_ID={DRIFT_DETECTED}"
+    yield f"  reloads             journalctl MESSAGE_ID={RELOAD_DONE}"
+    yield f"  unverified jobs     journalctl MESSAGE_ID={JOB_UNVERIFIED}"
+    yield f"  in another shell    . {env_file}"
+    yield (
+        "                      then: systemctl --user status; provenanced audit; provenanced show "
+        + WEB
+    )
+    if not scenario:
+        web = sandbox.config_dir / WEB
+        dropin = sandbox.admin_dir / f"{WEB}.d"
+        yield "Try, in that shell:"
+        yield f'  cp --remove-destination "$(readlink -f {web})" {web}     # link-replaced'
+        yield f"  mkdir -p {dropin}                                       # unmanaged-dropin:"
+        yield f"  printf '[Service]\\nNice=5\\n' > {dropin}/50-x.conf"
+        yield "  then undo each change: the finding resolves and the journal says so."
+    yield "Ctrl-C stops the daemon, the sandbox and everything it started."
+
+
+async def _serve(
+    sandbox: Sandbox, generation: Generation, settings: Settings, scenario: bool
+) -> None:
+    """Run the daemon (and the scenario) until SIGINT or SIGTERM."""
+    daemon = Daemon(settings, env=sandbox.env)
+    daemon.start_http()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(daemon.run(stop), name="demo.daemon")
+            tg.create_task(_announce_ready(daemon), name="demo.ready")
+            if scenario:
+                play = tg.create_task(
+                    Scenario(sandbox, generation, daemon).run(), name="demo.scenario"
+                )
+                tg.create_task(_cancel_when_set(stop, play), name="demo.stop")
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _announce_ready(daemon: Daemon) -> None:
+    """Tell the newcomer the first full audit is done and how it came out."""
+    await daemon.engine.ready.wait()
+    status = daemon.engine.status
+    _say(
+        f"daemon ready: {status.units_audited} units audited, {len(status.findings)} open findings"
+    )
+
+
+async def _cancel_when_set(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    """End the scenario as soon as we are asked to stop, wherever it is."""
+    await stop.wait()
+    task.cancel()
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A second Ctrl-C during teardown must not leave the sandbox half stopped."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM before the loop runs: unwind like Ctrl-C, so the teardown below still happens."""
+    raise KeyboardInterrupt
+
+
+def run_demo(scenario: bool, listen: str) -> int:
+    """Boot the sandbox, serve the daemon on ``listen`` until interrupted, tear everything down."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    journald: Journald | None = None
+    sandbox = Sandbox()
+    try:
+        journald = ensure_journald()
+        generation = sandbox.install_home_manager(demo_units())
+        report_input = sandbox.home / _REPORT_INPUT
+        report_input.parent.mkdir(parents=True, exist_ok=True)
+        report_input.write_text("ready\n")
+        sandbox.start()
+        settings = demo_settings(sandbox, listen)
+        configure_logging(settings.log.level, settings.log.format)
+        for line in banner(sandbox, write_env_file(sandbox), listen, scenario):
+            _say(line)
+        asyncio.run(_serve(sandbox, generation, settings, scenario))
+    finally:
+        with _uninterrupted():
+            if sandbox.running:
+                _say("provenanced demo: stopping the sandbox")
+            try:
+                sandbox.stop()
+            finally:
+                if journald is not None:
+                    journald.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0

@@ -1,0 +1,119 @@
+"""`provenanced demo --scenario`: drift caught live, and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import wait_until
+from provenanced.sandbox import SANDBOX_MARKER
+
+pytestmark = pytest.mark.e2e
+
+CLI = str(Path(sys.executable).parent / "provenanced")
+_ROOT_LINE = re.compile(r"a throw-away systemd --user in (?P<root>\S+)")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def findings(port: int) -> list[dict[str, str]]:
+    """The demo daemon's open findings; empty while it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/findings", timeout=5) as r:
+            document = json.load(r)
+    except (OSError, urllib.error.URLError, ValueError):
+        return []
+    found: list[dict[str, str]] = document["findings"]
+    return found
+
+
+def processes_of(root: str) -> list[int]:
+    """Pids whose environment or command line names the sandbox root: what must be gone."""
+    marker = f"{SANDBOX_MARKER}={root}".encode()
+    runtime = f"XDG_RUNTIME_DIR={root}/run".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ or runtime in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+class Demo:
+    """A running `provenanced demo --scenario` and where its output goes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def output(self) -> str:
+        """Everything it printed so far (stdout and stderr)."""
+        return self.log.read_text(errors="replace")
+
+    def sandbox_root(self) -> str | None:
+        """The sandbox root from the banner, once printed."""
+        match = _ROOT_LINE.search(self.output())
+        return match["root"] if match else None
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    """The demo as a user runs it, output to a file; interrupted, never leaked, on failure."""
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [CLI, "demo", "--scenario", "--listen", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Demo(proc, port, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_scenario_is_caught_and_ctrl_c_cleans_up(demo: Demo) -> None:
+    """The injected link replacement shows on /api/v1/findings; SIGINT exits 0, nothing left."""
+    root = wait_until(demo.sandbox_root, timeout=60, message="the demo's banner")
+    assert root is not None
+    wait_until(
+        lambda: any(f["kind"] == "link-replaced" for f in findings(demo.port)),
+        timeout=60,
+        interval=0.2,
+        message="a link-replaced finding on /api/v1/findings",
+    )
+    assert processes_of(root), "the sandbox's manager should be running before Ctrl-C"
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(timeout=60) == 0, demo.output()
+    assert "[step 1/4]" in demo.output()
+    assert processes_of(root) == []
+    assert not Path(root).exists()
