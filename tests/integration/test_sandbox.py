@@ -14,9 +14,7 @@ import pytest
 from systemd import journal
 
 from helpers import wait_until
-from provenanced import sandbox as sandbox_module
 from provenanced.sandbox import (
-    NIX_BASE32,
     Generation,
     Journald,
     Sandbox,
@@ -27,6 +25,8 @@ from provenanced.sandbox import (
     ensure_journald,
     example_units,
 )
+from provenanced.sandbox import manager as sandbox_module
+from provenanced.sandbox.homemanager import NIX_BASE32
 
 pytestmark = pytest.mark.integration
 
