@@ -64,7 +64,7 @@ def restore(sandbox: Sandbox) -> Iterator[None]:
     for path in (sandbox.admin_dir, sandbox.home / ".config/systemd/user.control"):
         if path.exists():
             shutil.rmtree(path)
-            path.mkdir(parents=True) if path == sandbox.admin_dir else None
+    sandbox.admin_dir.mkdir(parents=True, exist_ok=True)
     for extra in sandbox.config_dir.glob("extra*"):
         extra.unlink()
     assert sandbox.generation is not None
@@ -130,15 +130,17 @@ class TestAuditCli:
             sandbox.store
             / "11111111111111111111111111111111-home-manager-files/x/extra-old.service"
         )
-        (orphan.resolve().parent).mkdir(parents=True, exist_ok=True) if False else None
         sandbox.daemon_reload()
-        assert found(sandbox) >= {
+        assert found(sandbox) == {
             ("link-retargeted", WEB, rel(sandbox, web)),
             ("link-dangling", WEB, rel(sandbox, dropin)),
             ("managed-missing", "backup.timer", rel(sandbox, timer)),
+            ("link-dangling", "extra-old.service", rel(sandbox, orphan)),
+            # The manager's own verdicts on the same damage: the timer Home Manager provides is
+            # gone, and a drop-in it cannot stat keeps NeedDaemonReload=yes even after a reload.
+            ("load-error", "backup.timer", rel(sandbox, timer)),
+            ("stale-load", WEB, rel(sandbox, web)),
         }
-        kinds = {f[0] for f in found(sandbox)}
-        assert "link-dangling" in kinds
 
     def test_orphan_link(self, sandbox: Sandbox, restore: None) -> None:
         """A link into another generation's home-manager-files is an orphan."""
