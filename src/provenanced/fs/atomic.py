@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @contextlib.contextmanager
@@ -20,42 +21,33 @@ def open_dir(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def _temp_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(6)}.tmp"
+def _replace(directory: str, name: str, create: Callable[[str, int], None]) -> None:
+    """Create a temp entry with ``create(temp, dir_fd)``, then rename it over ``name``."""
+    with open_dir(directory) as dfd:
+        temp = f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            create(temp, dfd)
+            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dfd)
+            raise
+        os.fsync(dfd)
 
 
 def write_file(directory: str, name: str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``directory/name`` with ``data`` atomically; a reader sees old or new, never half."""
-    with open_dir(directory) as dfd:
-        temp = _temp_name(name)
-        fd = os.open(
-            temp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            mode,
-            dir_fd=dfd,
-        )
-        try:
-            with os.fdopen(fd, "wb", closefd=True) as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dfd)
-            raise
-        os.fsync(dfd)
+
+    def create(temp: str, dfd: int) -> None:
+        fd = os.open(temp, _NEW_FILE_FLAGS, mode, dir_fd=dfd)
+        with os.fdopen(fd, "wb", closefd=True) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _replace(directory, name, create)
 
 
 def place_symlink(directory: str, name: str, target: str) -> None:
     """Create or replace ``directory/name`` as a symlink to ``target`` atomically."""
-    with open_dir(directory) as dfd:
-        temp = _temp_name(name)
-        os.symlink(target, temp, dir_fd=dfd)
-        try:
-            os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=dfd)
-            raise
-        os.fsync(dfd)
+    _replace(directory, name, lambda temp, dfd: os.symlink(target, temp, dir_fd=dfd))
