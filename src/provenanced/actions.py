@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import posixpath
+import secrets
 import stat
 import time
 from collections import deque
@@ -103,6 +104,7 @@ class Healer:
         unit_dirs: Iterable[UnitDir],
     ) -> HealOutcome:
         """Quarantine the current file (if any) and place the expected link; abort untouched on doubt."""
+        quarantined: str | None = None
         try:
             self._check(finding.path, examined, expected, unit_dirs)
             assert expected is not None and examined is not None
@@ -112,7 +114,13 @@ class Healer:
                 else None
             )
             directory, name = posixpath.split(finding.path)
-            atomic.place_symlink(directory, name, expected.target)
+            # The path is empty now; whatever lands there meanwhile is someone's and must stay.
+            atomic.create_symlink(directory, name, expected.target)
+        except FileExistsError:
+            kept = f"; the examined file is in {quarantined}" if quarantined else ""
+            return HealOutcome(
+                False, f"not healed: {finding.path} was written again while healing{kept}"
+            )
         except HealError as exc:
             return HealOutcome(False, f"not healed: {exc}")
         except OSError as exc:
@@ -164,7 +172,7 @@ class Healer:
             except OSError as exc:
                 if exc.errno != 18:  # EXDEV: the state dir is on another file system
                     raise
-                _copy_then_unlink(src_fd, name, dst_fd, q_name, examined)
+                _move_across(src_fd, name, dst_fd, q_name, examined)
             os.fsync(dst_fd)
         sidecar = {
             "original_path": finding.path,
@@ -180,6 +188,24 @@ class Healer:
             q_dir, f"{q_name}.provenanced.json", json.dumps(sidecar, indent=1).encode()
         )
         return destination
+
+
+def _move_across(src_fd: int, name: str, dst_fd: int, q_name: str, examined: FileFact) -> None:
+    """Quarantine across file systems without ever unlinking a file saved meanwhile.
+
+    The file is first renamed aside in its own directory (atomic), so only the examined inode is
+    copied and unlinked; a version written at ``name`` during the copy is left alone.
+    """
+    aside = f".{name}.{secrets.token_hex(6)}.quarantine"
+    os.rename(name, aside, src_dir_fd=src_fd, dst_dir_fd=src_fd)
+    try:
+        _copy_then_unlink(src_fd, aside, dst_fd, q_name, examined)
+    except BaseException:
+        # Put it back unless something took its place; then it stays aside, intact and visible.
+        with contextlib.suppress(OSError):
+            os.link(aside, name, src_dir_fd=src_fd, dst_dir_fd=src_fd, follow_symlinks=False)
+            os.unlink(aside, dir_fd=src_fd)
+        raise
 
 
 def _copy_then_unlink(src_fd: int, name: str, dst_fd: int, q_name: str, examined: FileFact) -> None:
@@ -198,8 +224,14 @@ def _copy_then_unlink(src_fd: int, name: str, dst_fd: int, q_name: str, examined
             )
             try:
                 while chunk := os.read(src, 1 << 16):
-                    os.write(dst, chunk)
+                    while chunk:  # os.write may write less than asked
+                        chunk = chunk[os.write(dst, chunk) :]
                 os.fsync(dst)
+            except OSError:
+                # A partial copy (ENOSPC, EIO) must not sit in quarantine posing as the file.
+                with contextlib.suppress(OSError):
+                    os.unlink(q_name, dir_fd=dst_fd)
+                raise
             finally:
                 os.close(dst)
         finally:

@@ -139,6 +139,13 @@ def _same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
     return fact.sha256 == base.sha256
 
 
+def _dangling_detail(fact: FileFact) -> str:
+    # A loop or a chain past the kernel's 40 links (ELOOP) cannot be resolved either.
+    if fact.error:
+        return f"symlink to {fact.target}, which cannot be resolved ({fact.error})"
+    return f"symlink to {fact.target}, which does not exist"
+
+
 def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
 
@@ -215,9 +222,7 @@ def _check_expected(
         )
     elif fact.kind is FileKind.SYMLINK:
         if fact.dangling:
-            yield _finding(
-                K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist"
-            )
+            yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
         elif _matches(fact, expected):
             return
         elif (
@@ -301,9 +306,7 @@ def _check_unexpected_link(
     unit = loc.unit
     vouched = base is not None and _same_as_baseline(fact, base)
     if fact.dangling and not vouched:
-        yield _finding(
-            K.LINK_DANGLING, unit, path, f"symlink to {fact.target}, which does not exist"
-        )
+        yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
         return
     hm_dir = home_manager_files_dir(fact.target)
     if hm_dir is not None and hm_dir != ctx.exp.home_manager_files:
@@ -340,7 +343,16 @@ def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Fin
     unit = unit_hint or loc.unit
     fact = ctx.fact(path)
     if fact.kind is FileKind.MISSING:
-        yield from _check_missing(ctx, path, unit)
+        missing = tuple(_check_missing(ctx, path, unit))
+        if not missing and fact.error:
+            # lstat itself failed (a parent we may not search): nothing can vouch for this path.
+            yield _finding(
+                _unmanaged_kind(loc),
+                unit,
+                path,
+                f"cannot be examined ({fact.error}), so nothing vouches for it",
+            )
+        yield from missing
         return
     yield from _check_owner_and_mode(ctx, loc, path, fact)
     expected = ctx.exp.home_manager_links.get(path)
@@ -352,7 +364,7 @@ def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Fin
 
 def _expected_fragments(ctx: _Context) -> Mapping[str, list[str]]:
     result: dict[str, list[str]] = {}
-    for path in ctx.exp.home_manager_links:
+    for path in sorted(ctx.exp.home_manager_links):
         loc = ctx.locate(path)
         if loc is not None and loc.is_fragment:
             result.setdefault(loc.unit, []).append(path)
@@ -425,7 +437,9 @@ def _audited_paths(ctx: _Context) -> dict[str, str | None]:
     paths: dict[str, str | None] = {}
     for path in (*ctx.obs.scanned_files, *ctx.exp.home_manager_links, *ctx.exp.baseline):
         paths.setdefault(path, None)
-    for unit in ctx.obs.units.values():
+    # Instances of one template (and aliases) share a fragment: the first name in order owns
+    # its findings, so a finding's identity never depends on the order units were read in.
+    for unit in sorted(ctx.obs.units.values(), key=lambda u: u.name):
         for path in unit.definition_paths:
             if paths.get(path) is None:
                 paths[path] = unit.name

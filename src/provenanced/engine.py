@@ -8,7 +8,7 @@ import os
 import posixpath
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +33,8 @@ from provenanced.model import (
     BaselineEntry,
     DaemonStatus,
     Expectations,
+    FileFact,
+    FileKind,
     Finding,
     FindingKind,
     Observation,
@@ -55,6 +57,16 @@ log = structlog.get_logger("provenanced.engine")
 _RETRY_DELAY = 1.0
 
 
+_FileIdentity = tuple[object, ...] | None
+
+
+def _identity(fact: FileFact | None) -> _FileIdentity:
+    """What tells one version of a file from the next (what a heal re-checks before acting)."""
+    if fact is None:
+        return None
+    return (fact.kind, fact.inode, fact.mtime_ns, fact.sha256, fact.target)
+
+
 class _Shutdown(Exception):
     """Raised inside the task group to end it when ``stop`` is set."""
 
@@ -70,10 +82,15 @@ class FullResync:
 
 @dataclass(frozen=True, slots=True)
 class UnitsChanged:
-    """The manager loaded or unloaded a unit: re-read that unit alone."""
+    """The manager loaded a unit (re-read it) or unloaded it (forget it, never re-read it).
+
+    Reading an unloaded unit by its object path would load it again, and the manager would
+    unload it again: a loop of D-Bus calls on an idle system.
+    """
 
     name: str
     monotonic: float
+    removed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +137,8 @@ class Engine:
         self._healer = Healer(self.state_dir, self.dirs.home)
         self._alerts_due = asyncio.Event()
         self._stale = asyncio.Event()
+        self._degraded = asyncio.Event()  # the watcher ran out of watches: shorten the backstop
+        self._heal_tried: dict[Key, _FileIdentity] = {}
         self._watcher: UnitDirWatcher | None = None
         self._last_change = time.monotonic()
         self._transport = ""
@@ -157,7 +176,11 @@ class Engine:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Start a task inside the engine's task group, so a crash in it ends the daemon too."""
         assert self._tg is not None, "the engine is not running"
-        self._tg.create_task(coro, name=name)
+        try:
+            self._tg.create_task(coro, name=name)
+        except RuntimeError:
+            # The group is shutting down (a late job signal during stop): nothing left to do.
+            coro.close()
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
@@ -246,7 +269,8 @@ class Engine:
                 # Verification needs D-Bus reads; it runs as its own small task of the loop.
                 self._spawn(self._verify_job(event), "jobs.verify")
         elif isinstance(event, manager.UnitNew | manager.UnitRemoved):
-            self._changes.put_nowait(UnitsChanged(event.name, time.monotonic()))
+            removed = isinstance(event, manager.UnitRemoved)
+            self._changes.put_nowait(UnitsChanged(event.name, time.monotonic(), removed))
 
     async def _verify_job(self, event: manager.JobRemoved) -> None:
         conn = self._conn
@@ -294,6 +318,7 @@ class Engine:
                 path=event.path,
                 fallback_interval=self.settings.policy.degraded_resync_interval,
             )
+            self._degraded.set()
             self.publish()
         elif posixpath.dirname(event.path) == self.state_dir:
             if posixpath.basename(event.path) == baseline.BASELINE_FILE:
@@ -326,7 +351,7 @@ class Engine:
                     if any(isinstance(c, BaselineChanged) for c in batch):
                         self._read_baseline()
                     paths = {c.path: c.is_dir for c in batch if isinstance(c, PathChanged)}
-                    names = {c.name for c in batch if isinstance(c, UnitsChanged)}
+                    names = {c.name: c.removed for c in batch if isinstance(c, UnitsChanged)}
                     await self._resync_paths(paths, names)
             except ManagerCallError as exc:
                 log.warning("engine.resync_failed", error=str(exc), retry_in=_RETRY_DELAY)
@@ -368,7 +393,10 @@ class Engine:
             "engine.resynced", reason=reason, units=len(obs.units), seconds=round(duration, 4)
         )
 
-    async def _resync_paths(self, changed: Mapping[str, bool], names: Iterable[str] = ()) -> None:
+    async def _resync_paths(
+        self, changed: Mapping[str, bool], names: Mapping[str, bool] | None = None
+    ) -> None:
+        """Re-read the changed paths and the units they can affect; ``names``: unit → unloaded."""
         assert self._obs is not None and self._observer is not None and self._conn is not None
         obs = self._obs
         dirs = {d.path: d for d in obs.unit_dirs}
@@ -387,25 +415,33 @@ class Engine:
                 scanned -= inside
         facts = dict(obs.facts)
         facts.update(self._observer.facts.read_many(paths))
-        affected: set[str] = set(names)
+        names = names or {}
+        gone = {name for name, removed in names.items() if removed}
+        affected = {name for name, removed in names.items() if not removed}
         for path in paths:
             loc = locate(path, dirs)
             fact = facts[path]
             if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
-                if fact.kind.value in ("file", "symlink"):
+                if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
                     scanned.add(path)
                 else:
                     scanned.discard(path)
-            affected |= self._index.affected(path, dirs)
+            affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
             if (
                 loc is not None
                 and loc.is_fragment
                 and loc.unit not in obs.units
-                and fact.kind.value != "missing"
+                and fact.kind is not FileKind.MISSING
             ):
                 await manager.load_unit(self._conn, loc.unit)
                 affected.add(loc.unit)
         units = dict(obs.units)
+        for name in gone - affected:
+            old = units.pop(name, None)
+            if old is not None:
+                self._index.remove(old)
+            self._loaded_hashes.pop(name, None)
+        affected -= gone
         records = await manager.get_unit_records(self._conn, sorted(affected))
         facts.update(self._observer.read_facts(records.values(), (), ()))
         for name in affected:
@@ -467,10 +503,10 @@ class Engine:
             self._alert(transition)
         if any(f.kind is FindingKind.STALE_LOAD for f in self._findings.values()):
             self._stale.set()
-        if any(
-            t.state == "detected" and self._healer.wants(t.finding, self.settings.policy)
-            for t in transitions
-        ):
+        # A file is healed once per version: a finding that stays open while its file is
+        # replaced again (or a heal that lost a race) gets another attempt, a stuck one does not.
+        self._heal_tried = {k: v for k, v in self._heal_tried.items() if k in self._findings}
+        if any(self._heal_due(f) for f in self._findings.values()):
             self._heal()
 
     def _alert(self, transition: Transition) -> None:
@@ -492,14 +528,21 @@ class Engine:
 
     # ---- actions ---------------------------------------------------------------------------
 
+    def _heal_due(self, finding: Finding) -> bool:
+        fact = self._obs.facts.get(finding.path) if self._obs else None
+        return self._healer.wants(finding, self.settings.policy) and self._heal_tried.get(
+            finding.key
+        ) != _identity(fact)
+
     def _heal(self) -> bool:
         healed = False
         exp = self.expectations()
         for finding in list(self._findings.values()):
-            if not self._healer.wants(finding, self.settings.policy):
+            if not self._heal_due(finding):
                 continue
             expected = exp.home_manager_links.get(finding.path)
             fact = self._obs.facts.get(finding.path) if self._obs else None
+            self._heal_tried[finding.key] = _identity(fact)
             outcome = self._healer.heal(
                 finding, fact, expected, self._obs.unit_dirs if self._obs else ()
             )
@@ -560,7 +603,12 @@ class Engine:
             policy = self.settings.policy
             degraded = bool(self._watcher and self._watcher.degraded)
             interval = policy.degraded_resync_interval if degraded else policy.resync_interval
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            # Losing the watches shortens the interval now, not after a sleep of the old length.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval * random.uniform(0.9, 1.1)):
+                    await self._degraded.wait()
+                    self._degraded.clear()
+                    continue
             self._changes.put_nowait(FullResync("backstop", time.monotonic()))
 
     async def reload_config_on_signal(self, requested: asyncio.Event) -> None:

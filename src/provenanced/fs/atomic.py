@@ -51,3 +51,13 @@ def write_file(directory: str, name: str, data: bytes, mode: int = 0o600) -> Non
 def place_symlink(directory: str, name: str, target: str) -> None:
     """Create or replace ``directory/name`` as a symlink to ``target`` atomically."""
     _replace(directory, name, lambda temp, dfd: os.symlink(target, temp, dir_fd=dfd))
+
+
+def create_symlink(directory: str, name: str, target: str) -> None:
+    """Create ``directory/name`` as a symlink to ``target``; FileExistsError if anything is there.
+
+    symlink(2) is atomic and never replaces: what appeared at ``name`` meanwhile is left alone.
+    """
+    with open_dir(directory) as dfd:
+        os.symlink(target, name, dir_fd=dfd)
+        os.fsync(dfd)

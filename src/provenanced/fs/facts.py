@@ -53,6 +53,9 @@ class FactReader:
         except OSError as exc:
             return _fact(path, FileKind.SYMLINK, st, None, error=_describe(exc))
         try:
+            # The kernel's verdict first: past 40 links it says ELOOP, as it does to the manager;
+            # realpath alone walks a chain of any length.
+            os.stat(path)
             resolved = os.path.realpath(path, strict=True)
             target_st = os.stat(resolved)
         except OSError as exc:

@@ -168,8 +168,14 @@ class UnitDirWatcher:
             self._watch_dir(path, _DIR_MASK)
             result.extend(PathChanged(p, False, now) for p in _entries(path))
         elif any(r == path or r.startswith(path + "/") for r in (*self._roots, *self._extra)):
-            # A missing root (or one of its parents) appeared: watch it; the engine rescans it whole.
+            # A missing root (or one of its parents) appeared: watch it, then name each root that
+            # now exists so the engine rescans it whole (files may have landed before the watch).
             self.refresh()
+            result.extend(
+                PathChanged(r, True, now)
+                for r in self._roots
+                if r != path and r.startswith(path + "/") and _is_real_dir(r)
+            )
         return result
 
 

@@ -1,0 +1,221 @@
+"""Faults that need the daemon as a real process: SIGHUP, exhausted watches, no DAC override."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from faultkit import DaemonProcess, config_toml, daemon_process, http_get, poll, unit_file
+
+from provenanced.sandbox import Sandbox
+
+pytestmark = pytest.mark.fault
+
+
+def _paths(proc: DaemonProcess, kind: str) -> set[str]:
+    return {f["path"] for f in proc.findings() if f["kind"] == kind}
+
+
+def _events(proc: DaemonProcess, event: str) -> list[str]:
+    """Log lines of one event: logfmt puts timestamp, level and event first on every line."""
+    pattern = re.compile(rf"^timestamp=\S+ level=\S+ event={re.escape(event)}(\s|$)")
+    return [line for line in proc.log().splitlines() if pattern.match(line)]
+
+
+class TestSighupWithBrokenConfig:
+    def test_broken_config_keeps_the_old_one_and_logs_one_error(
+        self, fresh_sandbox: Sandbox, tmp_path: Path
+    ) -> None:
+        """SIGHUP with an unparsable or invalid config: the process stays, logs one error, keeps the old config."""
+        sandbox = fresh_sandbox
+        healing = config_toml(
+            sandbox, "[policy]", "quiet_window = 0.2", "[policy.heal]", 'link-replaced = "heal"'
+        )
+        path = sandbox.config_dir / "backup.timer"
+        target = os.readlink(path)
+        with daemon_process(sandbox, tmp_path, healing) as proc:
+            # A file name that would forge a log line if the log did not escape newlines.
+            forged = unit_file(sandbox.config_dir, "x\nlevel=error event=config.reload_failed")
+            poll(lambda: str(forged) in _paths(proc, "unmanaged-unit"), message="forged name")
+            assert _events(proc, "config.reload_failed") == []
+            for number, broken in enumerate(
+                ("[policy\nquiet_window = ", "[policy]\nquiet_window = -1\n"), start=1
+            ):
+                proc.config_path.write_text(broken)
+                proc.signal(signal.SIGHUP)
+                poll(
+                    lambda n=number: len(_events(proc, "config.reload_failed")) == n,
+                    message=f"reload_failed #{number}",
+                )
+                assert proc.alive()
+                assert proc.get("/metrics")[0] == 200
+                # The old config (heal link-replaced) is still the one in force.
+                path.unlink()
+                path.write_text(f"[Timer]\nOnCalendar=hourly\n# edit {number}\n")
+                poll(lambda: path.is_symlink() and os.readlink(path) == target, message="healed")
+            assert len(_events(proc, "config.reload_failed")) == 2
+            assert "Traceback" not in proc.log()
+            assert all(line.startswith("timestamp=") for line in proc.log().splitlines())
+            # A good config is taken on the next SIGHUP: link-replaced is only flagged now.
+            proc.config_path.write_text(config_toml(sandbox, "[policy]", "quiet_window = 0.2"))
+            proc.signal(signal.SIGHUP)
+            poll(lambda: len(_events(proc, "config.reloaded")) == 1, message="reloaded")
+            path.unlink()
+            path.write_text("[Timer]\nOnCalendar=hourly\n# flagged only\n")
+            poll(lambda: str(path) in _paths(proc, "link-replaced"), message="flagged")
+            assert not path.is_symlink()
+            assert proc.metric("provenanced_heals_total", kind="link-replaced", result="ok") == 2
+        assert proc.proc.returncode == 0
+        # Both quarantined versions are there, byte for byte.
+        kept = {p.read_text() for p in (sandbox.state_dir / "quarantine").rglob("backup.timer")}
+        assert kept == {f"[Timer]\nOnCalendar=hourly\n# edit {n}\n" for n in (1, 2)}
+
+
+# The kernel counts inotify watches per user *namespace* and charges every ancestor too, so a
+# limit of 0 in a namespace of the daemon's own exhausts its watches exactly as a low
+# fs.inotify.max_user_watches would, without failing every other root process on the machine.
+_NO_WATCHES = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--",
+    "sh",
+    "-c",
+    'echo 0 > /proc/sys/user/max_inotify_watches && exec "$@"',
+    "sh",
+]
+
+
+class TestWatchLimitExhausted:
+    def test_degraded_mode_still_detects_drift_by_periodic_resync(
+        self, fresh_sandbox: Sandbox, tmp_path: Path
+    ) -> None:
+        """No inotify watch can be added: degraded=1, a resync every degraded_resync_interval, drift still found."""
+        sandbox = fresh_sandbox
+        config = config_toml(sandbox, "[policy]", "degraded_resync_interval = 1.0")
+        with daemon_process(sandbox, tmp_path, config, wrapper=_NO_WATCHES) as proc:
+            assert proc.metric("provenanced_degraded") == 1
+            assert proc.metric("provenanced_inotify_watches") == 0
+            assert len(_events(proc, "inotify.watch_limit")) == 1
+            resyncs = proc.metric("provenanced_resync_duration_seconds_count")
+            poll(
+                lambda: proc.metric("provenanced_resync_duration_seconds_count") >= resyncs + 2,
+                message="periodic resyncs",
+            )
+            extra = unit_file(sandbox.config_dir, "unwatched.service")
+            poll(lambda: str(extra) in _paths(proc, "unmanaged-unit"), message="unwatched drift")
+            extra.unlink()
+            poll(lambda: proc.findings() == [], message="clean again")
+            assert proc.alive()
+
+
+# uid 0 without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH meets permission bits like any user:
+# a root-owned file of mode 000 is unreadable to it, while the manager (full root) still reads it.
+_NO_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
+
+
+class TestPermissionDenied:
+    def test_unreadable_files_and_directories(self, fresh_sandbox: Sandbox, tmp_path: Path) -> None:
+        """Files and directories the daemon may not read are reported, never fatal."""
+        sandbox = fresh_sandbox
+        units = sandbox.config_dir
+        config = config_toml(sandbox, "[policy]", 'need_daemon_reload = "flag"')
+        with daemon_process(sandbox, tmp_path, config, wrapper=_NO_DAC) as proc:
+            secret = unit_file(units, "secret.service")
+            secret.chmod(0o000)
+            hidden_dir = units / "backup.service.d"
+            hidden_dir.mkdir()
+            hidden = unit_file(hidden_dir, "override.conf", "[Service]\nEnvironment=X=1\n")
+            hidden_dir.chmod(0o000)
+            sandbox.daemon_reload()
+            poll(lambda: str(secret) in _paths(proc, "unmanaged-unit"), message="secret")
+            poll(lambda: str(hidden) in _paths(proc, "unmanaged-dropin"), message="hidden")
+            assert proc.alive()
+            details = {f["path"]: f["detail"] for f in proc.findings()}
+            assert "cannot be examined (Permission denied)" in details[str(hidden)]
+            # Readable again: the same files are judged on their content, nothing stays stuck.
+            hidden_dir.chmod(0o755)
+            secret.chmod(0o644)
+            sandbox.daemon_reload()
+            poll(
+                lambda: "cannot be examined" not in str(proc.findings()),
+                message="examined again",
+            )
+            assert {str(secret), str(hidden)} <= {f["path"] for f in proc.findings()}
+            assert "Traceback" not in proc.log()
+
+    def test_the_wrapper_really_drops_the_override(self, tmp_path: Path) -> None:
+        """The test above means something: under the wrapper, root cannot read a mode-000 file."""
+        secret = tmp_path / "secret"
+        secret.write_text("x")
+        secret.chmod(0o000)
+        result = subprocess.run(
+            [*_NO_DAC, "cat", str(secret)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode != 0 and "Permission denied" in result.stderr
+
+
+CLI = str(Path(sys.executable).parent / "provenanced")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class TestCrashRestart:
+    def test_killed_daemon_is_restarted_by_its_unit(
+        self, fresh_sandbox: Sandbox, journald: object
+    ) -> None:
+        """SIGKILL the installed service: the manager restarts it, and the new one detects drift."""
+        sandbox = fresh_sandbox
+        port = _free_port()
+        dropin = sandbox.config_dir / "provenanced.service.d" / "50-fault.conf"
+        dropin.parent.mkdir(parents=True)
+        dropin.write_text(
+            f"[Service]\nRestartSec=0.2s\nEnvironment=PROVENANCED_METRICS__LISTEN=127.0.0.1:{port}\n"
+        )
+        installed = subprocess.run(
+            [CLI, "install", "--now"], env=sandbox.env, capture_output=True, text=True, timeout=120
+        )
+        assert installed.returncode == 0, installed.stderr
+        probe = _Endpoint(port)
+        poll(lambda: probe.get("/-/ready")[0] == 200, message="installed service ready")
+        first = int(sandbox.show("provenanced.service", "MainPID")["MainPID"])
+        os.kill(first, signal.SIGKILL)
+        poll(
+            lambda: (
+                int(sandbox.show("provenanced.service", "MainPID")["MainPID"]) not in (0, first)
+            ),
+            message="restarted with a new pid",
+        )
+        poll(lambda: probe.get("/-/ready")[0] == 200, message="ready again")
+        extra = unit_file(sandbox.config_dir, "after-restart.service")
+        poll(lambda: str(extra).encode() in probe.get("/api/v1/findings")[1], message="drift")
+        assert sandbox.show("provenanced.service", "NRestarts")["NRestarts"] == "1"
+
+
+class _Endpoint:
+    """GETs against a daemon that may be down for a moment: (0, b"") while nothing answers."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            return http_get(("127.0.0.1", self.port), path)
+        except OSError:
+            return 0, b""

@@ -1,0 +1,321 @@
+"""Hypothesis against the pure parts hostile input reaches: unit names, signals, the audit core."""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provenanced.audit import audit
+from provenanced.model import (
+    BaselineEntry,
+    Expectations,
+    ExpectedLink,
+    FileFact,
+    FileKind,
+    Finding,
+    FindingKind,
+    Observation,
+    Tier,
+    UnitDir,
+    UnitRecord,
+    frozen_map,
+)
+from provenanced.systemd.events import (
+    DBUS_NAME,
+    DBUS_PATH,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    PROPERTIES_IFACE,
+    decode_signal,
+)
+from provenanced.systemd.names import (
+    UNIT_PATH_PREFIX,
+    UNIT_TYPES,
+    bus_label_unescape,
+    dropin_dirs_for,
+    is_valid_unit_name,
+    template_of,
+    unescape_unit_path,
+    unit_object_path,
+    unit_suffix,
+)
+from provenanced.unitpath import AUDITED_TIERS, locate
+
+# --- unit names ------------------------------------------------------------------------------
+
+# What systemd-escape produces ("\x2d" for a dash in a path, "\x20" for a space), mixed with
+# ordinary name characters, so generated names look like the escaped ones found in the wild.
+_ESCAPES = st.sampled_from(["\\x2d", "\\x20", "\\x2f", "\\xc3\\xa9", "-", "_", ".", ":", "@"])
+_PLAIN = st.text(string.ascii_letters + string.digits, min_size=1, max_size=8)
+escaped_names = st.builds(
+    lambda parts, kind: "".join(parts) + "." + kind,
+    st.lists(st.one_of(_PLAIN, _ESCAPES), min_size=1, max_size=8),
+    st.sampled_from(sorted(UNIT_TYPES)),
+)
+# Names as they arrive from disk: any text, including bytes that are not UTF-8.
+disk_names = st.one_of(st.text(), st.binary(max_size=64).map(os.fsdecode), escaped_names)
+
+
+class TestUnitNameDecoding:
+    @given(st.text())
+    def test_unescape_unit_path_only_raises_value_error(self, path: str) -> None:
+        """Any object path decodes to a name or is refused with ValueError, nothing else."""
+        for candidate in (path, UNIT_PATH_PREFIX + path):
+            try:
+                name = unescape_unit_path(candidate)
+            except ValueError:
+                continue
+            assert isinstance(name, str)
+
+    @given(st.text())
+    def test_label_unescape_is_total(self, label: str) -> None:
+        """Unescaping never fails, whatever underscores and hex digits the label holds."""
+        assert isinstance(bus_label_unescape(label), str)
+
+    @given(disk_names)
+    def test_any_file_name_round_trips_through_its_object_path(self, name: str) -> None:
+        """Escapes, templates, spaces, unicode and undecodable bytes all survive the bus path."""
+        assert unescape_unit_path(unit_object_path(name)) == name
+
+    @given(disk_names)
+    def test_validity_is_total_and_consistent(self, name: str) -> None:
+        """is_valid_unit_name never raises; a valid name has a type, drop-in dirs and a template."""
+        if not is_valid_unit_name(name):
+            return
+        assert unit_suffix(name) in UNIT_TYPES
+        assert dropin_dirs_for(name)[-1] == f"{name}.d"
+        template = template_of(name)
+        assert template is None or (is_valid_unit_name(template) and "@." in template)
+
+    @given(escaped_names)
+    def test_systemd_escaped_names_are_valid(self, name: str) -> None:
+        """Names built from systemd-escape output are valid unless they start with '@' or get too long."""
+        if name.startswith("@") or len(name) > 255:
+            return
+        assert is_valid_unit_name(name)
+
+
+# --- manager signals -------------------------------------------------------------------------
+
+_BODIES: dict[str, st.SearchStrategy[list[Any]]] = {
+    "so": st.tuples(st.text(), st.text()).map(list),
+    "uos": st.tuples(st.integers(0, 2**32 - 1), st.text(), st.text()).map(list),
+    "uoss": st.tuples(st.integers(0, 2**32 - 1), st.text(), st.text(), st.text()).map(list),
+    "b": st.tuples(st.booleans()).map(list),
+    "": st.just([]),
+    "s": st.tuples(st.text()).map(list),
+    "sss": st.tuples(st.text(), st.text(), st.text()).map(list),
+    "sa{sv}as": st.tuples(st.text(), st.just({}), st.lists(st.text(), max_size=3)).map(list),
+}
+
+
+@st.composite
+def signals(draw: st.DrawFn) -> Message:
+    signature = draw(st.sampled_from(sorted(_BODIES)))
+    return Message(
+        message_type=MessageType.SIGNAL,
+        path=draw(st.sampled_from([MANAGER_PATH, DBUS_PATH, f"{MANAGER_PATH}/unit/x", "/x"])),
+        interface=draw(st.sampled_from([MANAGER_IFACE, PROPERTIES_IFACE, DBUS_NAME, "a.b"])),
+        member=draw(
+            st.sampled_from(
+                [
+                    "UnitNew",
+                    "UnitRemoved",
+                    "JobNew",
+                    "JobRemoved",
+                    "Reloading",
+                    "UnitFilesChanged",
+                    "PropertiesChanged",
+                    "NameOwnerChanged",
+                    "Other",
+                ]
+            )
+        ),
+        sender=draw(st.sampled_from([DBUS_NAME, ":1.1", None])),
+        signature=signature,
+        body=draw(_BODIES[signature]),
+    )
+
+
+class TestSignalDecoding:
+    @given(signals())
+    def test_never_raises(self, msg: Message) -> None:
+        """Every well-formed signal, expected or not, decodes to an event or to None."""
+        decode_signal(msg)
+
+
+# --- the audit core --------------------------------------------------------------------------
+
+UID = 1000
+HOME = "/home/u"
+DIRS = (
+    UnitDir(f"{HOME}/.config/systemd/user.control", Tier.CONTROL, 0),
+    UnitDir(f"{HOME}/.config/systemd/user", Tier.CONFIG, 1),
+    UnitDir("/etc/systemd/user", Tier.ADMIN, 2),
+    UnitDir("/srv/units", Tier.CUSTOM, 3),
+    UnitDir("/usr/lib/systemd/user", Tier.VENDOR, 4),
+)
+FILES = "/nix/store/aaaa-home-manager-files"
+OLD_FILES = "/nix/store/0000-home-manager-files"
+_NAMES = ["web.service", "db.service", "tpl@.service", "tpl@x.service", "a b.service", "é.timer"]
+_RELATIVE = [*_NAMES, "web.service.d/10-env.conf", "default.target.wants/web.service"]
+PATHS = [f"{d.path}/{rel}" for d in DIRS for rel in _RELATIVE] + ["/elsewhere/web.service", ""]
+TARGETS = [
+    None,
+    "/dev/null",
+    f"{FILES}/.config/systemd/user/web.service",
+    f"{OLD_FILES}/.config/systemd/user/web.service",
+    "/nix/store/bbbb-web.service",
+    "/tmp/outside.service",
+    "web.service",
+    "../../etc/passwd",
+]
+SHAS = st.sampled_from([None, "s1", "s2", ""])
+paths = st.sampled_from(PATHS)
+targets = st.sampled_from(TARGETS)
+
+facts = st.builds(
+    FileFact,
+    path=paths,
+    kind=st.sampled_from(list(FileKind)),
+    target=targets,
+    resolved=targets,
+    uid=st.sampled_from([None, UID, 0]),
+    mode=st.sampled_from([None, 0o644, 0o666, 0o620, 0o444]),
+    size=st.sampled_from([None, 0, 10]),
+    sha256=SHAS,
+    mtime_ns=st.sampled_from([None, 1]),
+    inode=st.sampled_from([None, 1, 2]),
+    error=st.sampled_from([None, "Permission denied", "Too many levels of symbolic links"]),
+)
+units = st.builds(
+    UnitRecord,
+    name=st.sampled_from([*_NAMES, "bad name", ""]),
+    load_state=st.sampled_from(["loaded", "not-found", "error", "bad-setting", "masked", "x"]),
+    fragment_path=paths,
+    dropin_paths=st.lists(paths, max_size=3).map(tuple),
+    need_daemon_reload=st.booleans(),
+)
+expected_links = st.builds(
+    ExpectedLink, path=paths, target=targets.map(str), resolved=targets, sha256=SHAS
+)
+baseline_entries = st.builds(
+    BaselineEntry,
+    path=paths,
+    kind=st.sampled_from(list(FileKind)),
+    target=targets,
+    resolved=targets,
+    sha256=SHAS,
+)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[Observation, Expectations]:
+    fact_list = draw(st.lists(facts, max_size=12))
+    unit_list = draw(st.lists(units, max_size=5))
+    hashes = draw(
+        st.one_of(
+            st.none(),
+            st.dictionaries(st.sampled_from(_NAMES), st.sampled_from(["h1", "h2"]), max_size=3),
+        )
+    )
+    obs = Observation(
+        units=frozen_map({u.name: u for u in unit_list}),
+        facts=frozen_map({f.path: f for f in fact_list}),
+        unit_dirs=DIRS,
+        uid=UID,
+        scanned_files=tuple(draw(st.lists(paths, max_size=8))),
+        loaded_hashes=hashes,
+    )
+    exp = Expectations(
+        managed_roots=draw(st.sampled_from([("/nix/store",), (), ("/nix/store", "/tmp")])),
+        home_manager_generation=draw(st.sampled_from([None, "/nix/store/gggg-generation"])),
+        home_manager_files=draw(st.sampled_from([None, FILES, OLD_FILES])),
+        home_manager_links=frozen_map(
+            {e.path: e for e in draw(st.lists(expected_links, max_size=6))}
+        ),
+        baseline=frozen_map({e.path: e for e in draw(st.lists(baseline_entries, max_size=6))}),
+    )
+    return obs, exp
+
+
+# Kinds judged per file: their path is always a file in an audited directory.
+_PATH_KINDS = frozenset(
+    {
+        FindingKind.LINK_REPLACED,
+        FindingKind.LINK_RETARGETED,
+        FindingKind.LINK_DANGLING,
+        FindingKind.MANAGED_MISSING,
+        FindingKind.ORPHAN_LINK,
+        FindingKind.UNMANAGED_UNIT,
+        FindingKind.UNMANAGED_DROPIN,
+        FindingKind.FOREIGN_OWNER,
+        FindingKind.UNSAFE_MODE,
+    }
+)
+
+
+def _known_paths(obs: Observation, exp: Expectations) -> set[str]:
+    known = {*obs.facts, *obs.scanned_files, *exp.home_manager_links, *exp.baseline}
+    for unit in obs.units.values():
+        known.add(unit.fragment_path)
+        known.update(unit.dropin_paths)
+    return known
+
+
+def _shuffled(obs: Observation, exp: Expectations, seed: int) -> tuple[Observation, Expectations]:
+    def mix(mapping: Any) -> Any:
+        items = list(mapping.items())
+        random.Random(seed).shuffle(items)
+        return frozen_map(dict(items))
+
+    scanned = list(obs.scanned_files)
+    random.Random(seed).shuffle(scanned)
+    return (
+        Observation(
+            units=mix(obs.units),
+            facts=mix(obs.facts),
+            unit_dirs=obs.unit_dirs,
+            uid=obs.uid,
+            scanned_files=tuple(scanned),
+            loaded_hashes=obs.loaded_hashes,
+        ),
+        Expectations(
+            managed_roots=exp.managed_roots,
+            home_manager_generation=exp.home_manager_generation,
+            home_manager_files=exp.home_manager_files,
+            home_manager_links=mix(exp.home_manager_links),
+            baseline=mix(exp.baseline),
+        ),
+    )
+
+
+class TestAuditCore:
+    @settings(max_examples=400, deadline=None)
+    @given(cases(), st.integers(0, 2**16))
+    def test_total_sorted_unique_and_grounded(
+        self, case: tuple[Observation, Expectations], seed: int
+    ) -> None:
+        """Never raises; sorted, no duplicate identity; every path observed, expected or in the baseline."""
+        obs, exp = case
+        found = audit(obs, exp)
+        assert isinstance(found, tuple) and all(isinstance(f, Finding) for f in found)
+        assert list(found) == sorted(found, key=lambda f: (f.unit, f.kind.value, f.path))
+        assert len({f.key for f in found}) == len(found)
+        known = _known_paths(obs, exp)
+        dirs = {d.path: d for d in DIRS}
+        for finding in found:
+            assert finding.path in known, finding
+            assert finding.severity in ("critical", "warning", "info")
+            assert finding.detail
+            if finding.kind in _PATH_KINDS:
+                loc = locate(finding.path, dirs)
+                assert loc is not None and loc.unit_dir.tier in AUDITED_TIERS, finding
+        # The order of the inputs does not matter: the same findings, in the same order.
+        assert audit(*_shuffled(obs, exp, seed)) == found
