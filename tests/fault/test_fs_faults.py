@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import (
+from prometheus_client import generate_latest
+
+from daemonkit import (
     WAIT,
     Running,
     eventually,
@@ -20,8 +22,6 @@ from faultkit import (
     start_daemon,
     unit_file,
 )
-from prometheus_client import generate_latest
-
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox, activate
 from provenanced.sinks import journal as ids

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import WAIT, eventually, start_daemon, tmpfs_over
 
+from daemonkit import WAIT, eventually, start_daemon, tmpfs_over
 from provenanced.actions import Healer
 from provenanced.fs.facts import FactReader
 from provenanced.model import ExpectedLink, Finding, FindingKind, Tier, UnitDir

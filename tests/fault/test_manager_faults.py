@@ -8,8 +8,8 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from faultkit import Running, eventually, settings_for, start_daemon, unit_file
 
+from daemonkit import Running, eventually, settings_for, start_daemon, unit_file
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from faultkit import DaemonProcess, config_toml, daemon_process, http_get, poll, unit_file
 
+from daemonkit import DaemonProcess, config_toml, daemon_process, http_get, poll, unit_file
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.fault

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import DaemonProcess, config_toml, daemon_process, poll
 
+from daemonkit import DaemonProcess, config_toml, daemon_process, poll
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.fault

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from faultkit import eventually, http_get, start_daemon, unit_file
 
+from daemonkit import eventually, http_get, start_daemon, unit_file
 from provenanced.actions import Healer
 from provenanced.config import Settings
 from provenanced.fs.facts import FactReader

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import WAIT, eventually, start_daemon, tmpfs_over, unit_file
 from structlog.testing import capture_logs
 
+from daemonkit import WAIT, eventually, start_daemon, tmpfs_over, unit_file
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox
 

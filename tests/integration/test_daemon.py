@@ -2,85 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from provenanced.config import Settings
-from provenanced.daemon import Daemon
+from daemonkit import Running, eventually, start_daemon
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox, build_generation, example_units
 
 pytestmark = pytest.mark.integration
 
 WEB = "podman-web.service"
-
-
-async def eventually(
-    predicate: Callable[[], object], timeout: float = 15.0, message: str = ""
-) -> None:
-    """Yield to the daemon's loop until a condition holds (bounded), never a fixed sleep."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-
-def settings_for(
-    sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object
-) -> Settings:
-    return Settings(
-        state_dir=sandbox.state_dir,
-        manager=manager or {},
-        metrics={"listen": "127.0.0.1:0"},
-        policy={"quiet_window": 0.2, "alert_min_interval": 0, **policy},
-        log={"format": "logfmt", "level": "warning"},
-    )
-
-
-class Running:
-    """A daemon on the test's own event loop, with handles to poke it."""
-
-    def __init__(self, daemon: Daemon, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
-        self.daemon, self.stop, self.task = daemon, stop, task
-
-    @property
-    def engine(self):  # type: ignore[no-untyped-def]
-        return self.daemon.engine
-
-    def kinds(self) -> set[tuple[str, str, str]]:
-        return {(f.kind.value, f.unit, f.path) for f in self.engine.status.findings}
-
-    def has(self, kind: FindingKind, path: Path | str) -> bool:
-        return any(f.kind is kind and f.path == str(path) for f in self.engine.status.findings)
-
-    def sample(self, name: str, **labels: str) -> float:
-        value = self.daemon.telemetry.registry.get_sample_value(name, labels)
-        return value or 0.0
-
-
-@contextlib.asynccontextmanager
-async def start_daemon(
-    sandbox: Sandbox, manager: dict[str, object] | None = None, **policy: object
-) -> AsyncIterator[Running]:
-    daemon = Daemon(settings_for(sandbox, manager, **policy), env=sandbox.env)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop), name="test.daemon")
-    running = Running(daemon, stop, task)
-    try:
-        await eventually(daemon.engine.ready.is_set, 30)
-        yield running
-    finally:
-        stop.set()
-        async with asyncio.timeout(10):
-            await task
 
 
 @pytest.fixture
@@ -93,7 +31,7 @@ class TestDetection:
     async def test_clean_tree_is_clean_and_ready(self, daemon: Running) -> None:
         """After the first full audit the daemon is ready, connected and sees no drift."""
         assert daemon.engine.connected.is_set()
-        assert daemon.kinds() == set()
+        assert daemon.findings() == set()
         assert daemon.engine.status.ready
 
     async def test_link_replaced_then_restored(
@@ -262,7 +200,7 @@ class TestRecovery:
                     )
                 await eventually(lambda: running.sample("provenanced_inotify_overflows_total") >= 1)
                 await eventually(
-                    lambda: sum(1 for k in running.kinds() if k[0] == "unmanaged-unit") == 64
+                    lambda: sum(1 for k in running.findings() if k[0] == "unmanaged-unit") == 64
                 )
         finally:
             knob.write_text(old)

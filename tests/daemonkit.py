@@ -1,4 +1,4 @@
-"""Shared tools of the fault suite: the daemon in-process or as a real process, and probes."""
+"""Shared test tools: the daemon in-process or as a real process against a sandbox, and probes."""
 
 from __future__ import annotations
 
