@@ -102,9 +102,13 @@ class Location:
 
 def locate(path: str, by_path: Mapping[str, UnitDir]) -> Location | None:
     """Find the unit directory a file lives in (directly, or one level down), if any."""
-    parent = posixpath.dirname(path)
-    for candidate in (parent, posixpath.dirname(parent)):
-        found = by_path.get(candidate)
-        if found is not None:
-            return Location(found, posixpath.relpath(path, candidate))
+    # Plain string splits, not posixpath.relpath: this runs for every path of every audit.
+    parent, _, name = path.rpartition("/")
+    found = by_path.get(parent)
+    if found is not None:
+        return Location(found, name)
+    grandparent, _, subdir = parent.rpartition("/")
+    found = by_path.get(grandparent)
+    if found is not None:
+        return Location(found, f"{subdir}/{name}")
     return None
