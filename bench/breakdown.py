@@ -16,7 +16,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,36 +90,12 @@ def _fast_realpath(path: str, *, strict: bool = False) -> str:
 
 @contextlib.contextmanager
 def _fast_paths() -> Iterator[None]:
-    """Swap in the two prototypes for the length of one measurement, in this process only."""
-    from provenanced import audit, observe, unitpath
-
-    def fast_locate(path: str, by_path: Mapping[str, Any]) -> Any:
-        parent = posixpath.dirname(path)
-        for candidate in (parent, posixpath.dirname(parent)):
-            found = by_path.get(candidate)
-            if found is not None:
-                return unitpath.Location(found, path[len(candidate) + 1 :])
-        return None
-
-    swaps = [(posixpath, "realpath", _fast_realpath)]
-    swaps += [(module, "locate", fast_locate) for module in (audit, observe, unitpath)]
-    originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    """Swap in the realpath prototype for the length of one measurement, in this process only."""
+    posixpath.realpath = _fast_realpath
     try:
-        for module, name, replacement in swaps:
-            setattr(module, name, replacement)
         yield
     finally:
-        for module, name, original in originals:
-            setattr(module, name, original)
-
-
-def _relative_by_slice(path: str, by_path: Mapping[str, Any]) -> str | None:
-    """locate() without posixpath.relpath: the directory is a prefix of the path already."""
-    parent = posixpath.dirname(path)
-    for candidate in (parent, posixpath.dirname(parent)):
-        if candidate in by_path:
-            return path[len(candidate) + 1 :]
-    return None
+        posixpath.realpath = _ORIGINAL_REALPATH
 
 
 async def breakdown(sandbox: Sandbox) -> list[Stage]:
@@ -130,7 +106,6 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
     from provenanced.observe import Observer, scan_files, user_dirs
     from provenanced.systemd import manager
     from provenanced.systemd.bus import ManagerConnection, resolve_address
-    from provenanced.unitpath import locate
 
     env = sandbox.env
     conn = await ManagerConnection.connect(resolve_address(None, env))
@@ -174,7 +149,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         same = fixed_findings == findings and fixed_obs.facts == obs.facts
         stages.append(
             Stage(
-                "prototype: the same with O_PATH realpath and slicing locate()",
+                "prototype: the same with the O_PATH realpath",
                 fixed_s + fixed_audit_s,
                 None,
                 f"audit() {ms(fixed_audit_s)}; same facts and findings: {'yes' if same else 'NO'}",
@@ -182,7 +157,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         )
         stages += await _dbus_prototypes(conn, names, records_s, sandbox.manager_pid)
         stages += _fact_prototypes(list(facts), obs)
-        stages += _audit_prototypes(obs, exp, audit_s, frozen_map, locate)
+        stages += _audit_prototypes(obs, exp, audit_s, frozen_map)
     finally:
         await conn.close()
     return stages
@@ -302,33 +277,11 @@ def _fact_prototypes(paths: list[str], obs: Any) -> list[Stage]:
 
 
 def _audit_prototypes(
-    obs: Any, exp: Any, full: float, frozen_map: Callable[..., Any], locate: Callable[..., Any]
+    obs: Any, exp: Any, full: float, frozen_map: Callable[..., Any]
 ) -> list[Stage]:
     from provenanced.audit import audit
 
-    dirs = {d.path: d for d in obs.unit_dirs}
-    paths = [*obs.scanned_files, *exp.home_manager_links, *obs.facts]
-
-    def with_relpath() -> None:
-        for p in paths:
-            locate(p, dirs)
-
-    def with_slice() -> None:
-        for p in paths:
-            _relative_by_slice(p, dirs)
-
     stages = []
-    for label, fn in (
-        ("  of which locate() calls, as audit makes them", with_relpath),
-        ("  prototype: locate() by slicing off the directory", with_slice),
-    ):
-        runs = []
-        for _ in range(_REPEATS):
-            started = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - started)
-        stages.append(Stage(label, median(runs), len(paths)))
-
     # The audit of one unit's files: what a change would cost with an incremental audit.
     unit = next((u for u in obs.units.values() if u.fragment_path in obs.facts), None)
     if unit is not None:

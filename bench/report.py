@@ -70,7 +70,7 @@ OURS: Sequence[Row] = (
         lambda r: _pair(ms(r.p("resolved_metrics", 50)), ms(r.p("resolved_metrics", 99))),
     ),
     (
-        "changes measured (missed, journal missing, reader late)",
+        "changes (missed, journal missing, /metrics samples left out)",
         lambda r: (
             f"{len(r.batch.samples)} ({r.batch.missed}, {r.batch.journal_missing}, "
             f"{r.batch.journal_late})"
@@ -319,11 +319,17 @@ def code_version() -> str:
     return f"{out.replace('-dirty', ' plus uncommitted changes')}, {sources}"
 
 
+def _sources(version: str) -> str:
+    return version.rpartition("src sha256 ")[2]
+
+
 def render(results: Sequence[Result], code_at_start: str | None = None) -> str:
     """Every table, plus the load the shared machine was under and the code measured."""
     code = code_version()
-    if code_at_start is not None and code_at_start != code:
+    if code_at_start is not None and _sources(code_at_start) != _sources(code):
         code = f"{code_at_start} at the start, {code} at the end: SIZES MIX CODE VERSIONS"
+    elif code_at_start is not None:
+        code = code_at_start
     loads = "; ".join(f"N={r.size:,}: {r.loadavg_before} → {r.loadavg_after}" for r in results)
     errors = [f"- N={r.size:,}: {e}" for r in results for e in r.errors]
     parts = [

@@ -228,7 +228,8 @@ def _measure_daemon(
         f"N={plan.size}: {len(changes)} changes: /metrics p50 {ms(result.p('to_metrics', 50))} "
         f"p99 {ms(result.p('to_metrics', 99))}; journal p50 {ms(result.p('to_journal', 50))} "
         f"p99 {ms(result.p('to_journal', 99))}; missed {result.batch.missed}, "
-        f"journal missing {result.batch.journal_missing}"
+        f"journal missing {result.batch.journal_missing}, "
+        f"/metrics samples left out {result.batch.journal_late}"
     )
     if plan.idle_seconds > 0:
         _idle(plan, sandbox, daemon, result)
