@@ -48,11 +48,6 @@ def write_file(directory: str, name: str, data: bytes, mode: int = 0o600) -> Non
     _replace(directory, name, create)
 
 
-def place_symlink(directory: str, name: str, target: str) -> None:
-    """Create or replace ``directory/name`` as a symlink to ``target`` atomically."""
-    _replace(directory, name, lambda temp, dfd: os.symlink(target, temp, dir_fd=dfd))
-
-
 def create_symlink(directory: str, name: str, target: str) -> None:
     """Create ``directory/name`` as a symlink to ``target``; FileExistsError if anything is there.
 
