@@ -142,6 +142,7 @@ class Engine:
         self._watcher: UnitDirWatcher | None = None
         self._last_change = time.monotonic()
         self._transport = ""
+        self._manager_reloading = False
         self.resyncs = 0
         self._tg: asyncio.TaskGroup | None = None
 
@@ -218,6 +219,7 @@ class Engine:
                     on_call=self.telemetry.record_dbus_call,
                 )
                 self._conn, self._transport = conn, transport.kind
+                self._manager_reloading = False
                 await manager.subscribe(conn, self._on_signal)
                 self._observer = Observer(
                     conn,
@@ -249,6 +251,7 @@ class Engine:
 
     def _on_signal(self, event: manager.ManagerEvent) -> None:
         if isinstance(event, manager.Reloading):
+            self._manager_reloading = event.active
             if not event.active:
                 self._changes.put_nowait(
                     FullResync("manager reloaded", time.monotonic(), reference=True)
@@ -269,6 +272,9 @@ class Engine:
                 # Verification needs D-Bus reads; it runs as its own small task of the loop.
                 self._spawn(self._verify_job(event), "jobs.verify")
         elif isinstance(event, manager.UnitNew | manager.UnitRemoved):
+            if self._manager_reloading:
+                # A reload frees and re-creates every unit; the resync at its end covers them.
+                return
             removed = isinstance(event, manager.UnitRemoved)
             self._changes.put_nowait(UnitsChanged(event.name, time.monotonic(), removed))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -80,6 +81,32 @@ class TestReload:
                 fresh_sandbox.show("local.service", "NeedDaemonReload")["NeedDaemonReload"] == "no"
             )
             await eventually(lambda: not running.has(FindingKind.STALE_LOAD, unit))
+
+    async def test_daemon_reload_drops_no_unit(self, fresh_sandbox: Sandbox) -> None:
+        """A reload frees and re-creates every unit (UnitRemoved for each): none is dropped."""
+        async with start_daemon(fresh_sandbox, need_daemon_reload="flag") as running:
+            engine = running.engine
+            dropped: list[int] = []
+            publish = engine.publish
+
+            def watch_publish() -> None:
+                # Every state the daemon publishes must still know the unit.
+                publish()
+                if engine._obs is not None and "backup.service" not in engine._obs.units:
+                    dropped.append(engine.resyncs)
+
+            engine.publish = watch_publish  # type: ignore[method-assign]
+            dropin = fresh_sandbox.config_dir / "backup.service.d" / "stale.conf"
+            dropin.parent.mkdir()
+            for edit in range(5):
+                resyncs = engine.resyncs
+                # An edit keeps the daemon busy re-reading when the reload starts, and the reload
+                # runs in a thread so that the loop hears its signals as they come.
+                dropin.write_text(f"[Service]\nEnvironment=STALE={edit}\n")
+                await asyncio.to_thread(fresh_sandbox.daemon_reload)
+                await eventually(lambda r=resyncs: engine.resyncs > r)  # type: ignore[misc]
+            assert dropped == []
+            assert running.has(FindingKind.UNMANAGED_DROPIN, dropin)
 
     async def test_retarget_with_older_mtime_is_stale(self, fresh_sandbox: Sandbox) -> None:
         """A link moved to another store file with an older mtime fools systemd, not the daemon."""
