@@ -290,7 +290,7 @@ def _audit_prototypes(
             obs,
             units=frozen_map({unit.name: unit}),
             facts=frozen_map({p: f for p, f in obs.facts.items() if p in mine}),
-            scanned_files=tuple(p for p in obs.scanned_files if p in mine),
+            scanned_files=frozenset(p for p in obs.scanned_files if p in mine),
         )
         sub_exp = replace(
             exp,

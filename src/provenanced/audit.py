@@ -87,7 +87,7 @@ def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Context:
-    """Indexes built once per audit."""
+    """One observation seen through a judge."""
 
     obs: Observation
     exp: Expectations
@@ -99,6 +99,57 @@ class _Context:
 
     def locate(self, path: str) -> Location | None:
         return locate(path, self.dirs)
+
+
+@dataclass(frozen=True, slots=True)
+class Judge:
+    """The expectations indexed once (per generation and baseline), to judge paths and units."""
+
+    exp: Expectations
+    unit_dirs: tuple[UnitDir, ...]
+    dirs: Mapping[str, UnitDir]
+    expected_units: frozenset[str]
+    fragments: Mapping[str, tuple[str, ...]]  # unit → its fragment paths in the expectations
+
+    @classmethod
+    def build(cls, exp: Expectations, unit_dirs: tuple[UnitDir, ...]) -> Judge:
+        """Index which units Home Manager provides and where their fragments belong."""
+        dirs = {d.path: d for d in unit_dirs}
+        units: set[str] = set()
+        fragments: dict[str, list[str]] = {}
+        for path in sorted(exp.home_manager_links):
+            loc = locate(path, dirs)
+            if loc is None:
+                continue
+            units.add(loc.unit)
+            if loc.is_fragment:
+                fragments.setdefault(loc.unit, []).append(path)
+        return cls(
+            exp,
+            unit_dirs,
+            dirs,
+            frozenset(units),
+            {unit: tuple(paths) for unit, paths in fragments.items()},
+        )
+
+    def is_audited(self, obs: Observation, path: str) -> bool:
+        """Whether a path is judged even when no loaded unit names it."""
+        return (
+            path in obs.scanned_files
+            or path in self.exp.home_manager_links
+            or path in self.exp.baseline
+        )
+
+    def path(self, obs: Observation, path: str, unit_hint: str | None) -> Iterator[Finding]:
+        """Findings about one file (``unit_hint``: the loaded unit that owns it, if any)."""
+        return _check_path(self._context(obs), path, unit_hint)
+
+    def unit(self, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
+        """Findings about one loaded unit as a whole."""
+        return _check_unit(self._context(obs), unit, self.fragments)
+
+    def _context(self, obs: Observation) -> _Context:
+        return _Context(obs, self.exp, self.dirs, self.expected_units)
 
 
 def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = False) -> Owner:
@@ -362,17 +413,8 @@ def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Fin
         yield from _check_unexpected(ctx, loc, path, fact)
 
 
-def _expected_fragments(ctx: _Context) -> Mapping[str, list[str]]:
-    result: dict[str, list[str]] = {}
-    for path in sorted(ctx.exp.home_manager_links):
-        loc = ctx.locate(path)
-        if loc is not None and loc.is_fragment:
-            result.setdefault(loc.unit, []).append(path)
-    return result
-
-
 def _check_unit(
-    ctx: _Context, unit: UnitRecord, fragments: Mapping[str, list[str]]
+    ctx: _Context, unit: UnitRecord, fragments: Mapping[str, tuple[str, ...]]
 ) -> Iterator[Finding]:
     name, fragment = unit.name, unit.fragment_path
     if unit.need_daemon_reload:
@@ -394,7 +436,7 @@ def _check_unit(
             "the definition on disk differs from the one loaded at the last reload "
             "(systemd's mtime check does not see it)",
         )
-    expected_paths = fragments.get(name, [])
+    expected_paths = fragments.get(name, ())
     if unit.load_state in _LOAD_ERRORS or (
         unit.load_state == "not-found" and name in ctx.expected_units
     ):
@@ -411,7 +453,7 @@ def _check_unit(
 
 
 def _check_shadowed(
-    ctx: _Context, unit: UnitRecord, expected_paths: list[str]
+    ctx: _Context, unit: UnitRecord, expected_paths: tuple[str, ...]
 ) -> Iterator[Finding]:
     here = ctx.locate(unit.fragment_path)
     for path in expected_paths:
@@ -432,21 +474,22 @@ def _check_shadowed(
             return
 
 
-def _audited_paths(ctx: _Context) -> dict[str, str | None]:
-    """Every path to check, with the loaded unit it belongs to when the manager named it."""
-    paths: dict[str, str | None] = {}
-    for path in (*ctx.obs.scanned_files, *ctx.exp.home_manager_links, *ctx.exp.baseline):
-        paths.setdefault(path, None)
-    # Instances of one template (and aliases) share a fragment: the first name in order owns
-    # its findings, so a finding's identity never depends on the order units were read in.
-    for unit in sorted(ctx.obs.units.values(), key=lambda u: u.name):
+def owners(units: Iterable[UnitRecord]) -> dict[str, str]:
+    """Each definition path with the loaded unit that owns its findings.
+
+    Instances of one template (and aliases) share a fragment: the first name in order owns its
+    findings, so a finding's identity never depends on the order units were read in.
+    """
+    result: dict[str, str] = {}
+    for unit in units:
         for path in unit.definition_paths:
-            if paths.get(path) is None:
-                paths[path] = unit.name
-    return paths
+            if path not in result or unit.name < result[path]:
+                result[path] = unit.name
+    return result
 
 
-def _drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
+def drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
+    """The findings without duplicates or the ones a more specific kind on the same path covers."""
     unique = {f.key: f for f in findings}
     by_path: dict[tuple[str, str], set[FindingKind]] = {}
     for kind, unit, path in unique:
@@ -461,13 +504,12 @@ def _drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
 
 def audit(obs: Observation, exp: Expectations) -> tuple[Finding, ...]:
     """Every drift in one observation, judged against what is expected; sorted, no duplicates."""
-    dirs = {d.path: d for d in obs.unit_dirs}
-    hm_units = {loc.unit for p in exp.home_manager_links if (loc := locate(p, dirs)) is not None}
-    ctx = _Context(obs, exp, dirs, frozenset(hm_units))
+    judge = Judge.build(exp, obs.unit_dirs)
+    owned = owners(obs.units.values())
+    paths = {*obs.scanned_files, *exp.home_manager_links, *exp.baseline, *owned}
     findings: list[Finding] = []
-    for path, unit_name in _audited_paths(ctx).items():
-        findings.extend(_check_path(ctx, path, unit_name))
-    fragments = _expected_fragments(ctx)
+    for path in paths:
+        findings.extend(judge.path(obs, path, owned.get(path)))
     for unit in obs.units.values():
-        findings.extend(_check_unit(ctx, unit, fragments))
-    return _drop_subsumed(findings)
+        findings.extend(judge.unit(obs, unit))
+    return drop_subsumed(findings)

@@ -8,7 +8,7 @@ import os
 import posixpath
 import random
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +16,7 @@ import structlog
 
 from provenanced import notify
 from provenanced.actions import Healer, ReloadGate, reload_manager
-from provenanced.audit import audit, definition_hash
+from provenanced.audit import definition_hash
 from provenanced.config import Settings
 from provenanced.errors import ManagerCallError, ManagerUnreachableError, StateError
 from provenanced.expect import baseline
@@ -28,6 +28,7 @@ from provenanced.fs.watch import (
     WatchEvent,
     WatchLimitReached,
 )
+from provenanced.incremental import IncrementalAudit
 from provenanced.index import PathIndex
 from provenanced.model import (
     BaselineEntry,
@@ -128,6 +129,8 @@ class Engine:
         self._obs: Observation | None = None
         self._generation = Generation(None, None, {})
         self._baseline: dict[str, BaselineEntry] = {}
+        self._exp: Expectations | None = None  # built once per generation and baseline
+        self._audit: IncrementalAudit | None = None
         self._index = PathIndex()
         self._findings: dict[Key, Finding] = {}
         self._loaded_hashes: dict[str, str] = {}
@@ -291,7 +294,7 @@ class Engine:
             self.telemetry.record_job_unverified()
             self.journal.send_job_unverified(finding)
         if self._obs is not None:
-            self._apply(self._obs, time.monotonic())
+            self._apply(self._obs, ((), ()))  # only the job findings changed
             self.publish()
 
     # ---- files -----------------------------------------------------------------------------
@@ -376,7 +379,7 @@ class Engine:
         assert self._observer is not None
         started = time.monotonic()
         obs, generation = await self._observer.observe(loaded_hashes=self._loaded_hashes)
-        self._generation = generation
+        self._generation, self._exp = generation, None
         self._index = PathIndex.build(obs.units.values())
         if reference:
             # What the manager just loaded is the reference the mtime-blind checks compare against.
@@ -386,7 +389,7 @@ class Engine:
         obs = replace(obs, loaded_hashes=frozen_map(self._loaded_hashes))
         self._read_baseline(obs)
         self._start_watching(obs)
-        self._apply(obs, started)
+        self._apply(obs)
         self.resyncs += 1
         duration = time.monotonic() - started
         self.telemetry.observe_resync(duration)
@@ -450,6 +453,8 @@ class Engine:
         affected -= gone
         records = await manager.get_unit_records(self._conn, sorted(affected))
         facts.update(self._observer.read_facts(records.values(), (), ()))
+        # Re-read definition files may be shared with units outside ``affected``: all count as changed.
+        paths.update(p for record in records.values() for p in record.definition_paths)
         for name in affected:
             old = units.pop(name, None)
             if old is not None:
@@ -463,10 +468,10 @@ class Engine:
             obs,
             units=frozen_map(units),
             facts=frozen_map(facts),
-            scanned_files=tuple(sorted(scanned)),
+            scanned_files=frozenset(scanned),
             loaded_hashes=frozen_map(self._loaded_hashes),
         )
-        self._apply(obs, time.monotonic())
+        self._apply(obs, (paths, affected | gone))
         self.publish()
 
     def _read_baseline(self, obs: Observation | None = None) -> None:
@@ -483,19 +488,29 @@ class Engine:
             except StateError as exc:
                 log.error("baseline.unwritable", error=str(exc))
         if accepted is not None:
-            self._baseline = accepted
+            self._baseline, self._exp = accepted, None
         if obs is None and self._obs is not None:
-            self._apply(self._obs, time.monotonic())
+            self._apply(self._obs)
             self.publish()
 
     def expectations(self) -> Expectations:
         """What vouches for files right now."""
         assert self._observer is not None
-        return self._observer.expectations(self._generation, self._baseline)
+        if self._exp is None:
+            self._exp = self._observer.expectations(self._generation, self._baseline)
+        return self._exp
 
-    def _apply(self, obs: Observation, now_monotonic: float) -> None:
+    def _apply(
+        self, obs: Observation, changed: tuple[Iterable[str], Iterable[str]] | None = None
+    ) -> None:
+        """Judge ``obs``: in full, or only the ``(paths, units)`` that changed since the last one."""
         self._obs = obs
-        found = list(audit(obs, self.expectations()))
+        exp = self.expectations()
+        if changed is None or self._audit is None or not self._audit.fits(obs, exp):
+            self._audit = IncrementalAudit(obs, exp)
+            found = list(self._audit.findings)
+        else:
+            found = list(self._audit.update(obs, *changed))
         found.extend(self._jobs.findings())
         self._findings, transitions = diff(self._findings, found, time.time())
         for transition in transitions:

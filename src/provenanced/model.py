@@ -177,7 +177,7 @@ class Observation:
     facts: Mapping[str, FileFact]
     unit_dirs: tuple[UnitDir, ...]
     uid: int
-    scanned_files: tuple[str, ...] = ()
+    scanned_files: frozenset[str] = frozenset()
     loaded_hashes: Mapping[str, str] | None = None
 
 

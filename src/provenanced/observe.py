@@ -113,7 +113,7 @@ class Observer:
             facts=frozen_map(facts),
             unit_dirs=unit_dirs,
             uid=os.getuid(),
-            scanned_files=scanned,
+            scanned_files=frozenset(scanned),
             loaded_hashes=loaded_hashes,
         )
         return obs, generation

@@ -10,7 +10,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "provenanced"
 # The pure core: plain data in, plain data out, no I/O and no shell imports.
-CORE = {"model", "unitpath", "audit", "describe", "index", "transitions"}
+CORE = {"model", "unitpath", "audit", "incremental", "describe", "index", "transitions"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -101,7 +101,7 @@ def observe(
         facts=frozen_map(merged),
         unit_dirs=DIRS,
         uid=UID,
-        scanned_files=tuple(sorted(set(CLEAN_FACTS) | set(scanned))),
+        scanned_files=frozenset(CLEAN_FACTS) | frozenset(scanned),
         loaded_hashes=loaded_hashes,
     )
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import random
 import string
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from dbus_fast import Message, MessageType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provenanced.audit import audit
+from provenanced.audit import audit, definition_hash
+from provenanced.incremental import IncrementalAudit
 from provenanced.model import (
     BaselineEntry,
     Expectations,
@@ -230,7 +233,7 @@ def cases(draw: st.DrawFn) -> tuple[Observation, Expectations]:
         facts=frozen_map({f.path: f for f in fact_list}),
         unit_dirs=DIRS,
         uid=UID,
-        scanned_files=tuple(draw(st.lists(paths, max_size=8))),
+        scanned_files=frozenset(draw(st.lists(paths, max_size=8))),
         loaded_hashes=hashes,
     )
     exp = Expectations(
@@ -283,7 +286,7 @@ def _shuffled(obs: Observation, exp: Expectations, seed: int) -> tuple[Observati
             facts=mix(obs.facts),
             unit_dirs=obs.unit_dirs,
             uid=obs.uid,
-            scanned_files=tuple(scanned),
+            scanned_files=frozenset(scanned),
             loaded_hashes=obs.loaded_hashes,
         ),
         Expectations(
@@ -319,3 +322,94 @@ class TestAuditCore:
                 assert loc is not None and loc.unit_dir.tier in AUDITED_TIERS, finding
         # The order of the inputs does not matter: the same findings, in the same order.
         assert audit(*_shuffled(obs, exp, seed)) == found
+
+
+@st.composite
+def changed(draw: st.DrawFn, obs: Observation) -> Observation:
+    """``obs`` after a few files, units, scans and loaded hashes changed."""
+
+    def edit(mapping: Mapping[str, Any], new: list[Any], key: Callable[[Any], str]) -> Any:
+        result = {k: v for k, v in mapping.items() if not draw(st.booleans()) or len(mapping) < 2}
+        result.update((key(item), item) for item in new)
+        return frozen_map(result)
+
+    hashes = obs.loaded_hashes
+    if hashes is not None and draw(st.booleans()):
+        # Some units loaded as they are on disk now, so that a later file change makes them stale.
+        current = {u.name: definition_hash(u, obs.facts) for u in obs.units.values()}
+        extra = draw(st.dictionaries(st.sampled_from(_NAMES), st.sampled_from(["h1", "h3"])))
+        hashes = frozen_map({**hashes, **extra, **current})
+    return Observation(
+        units=edit(obs.units, draw(st.lists(units, max_size=2)), lambda u: u.name),
+        facts=edit(obs.facts, draw(st.lists(facts, max_size=4)), lambda f: f.path),
+        unit_dirs=obs.unit_dirs,
+        uid=obs.uid,
+        scanned_files=obs.scanned_files ^ frozenset(draw(st.lists(paths, max_size=3))),
+        loaded_hashes=hashes,
+    )
+
+
+def _differences(old: Observation, new: Observation) -> tuple[set[str], set[str]]:
+    """What an observer would report: the paths and the units that changed between two looks."""
+    paths = {p for p in {*old.facts, *new.facts} if old.facts.get(p) != new.facts.get(p)}
+    paths |= old.scanned_files ^ new.scanned_files
+    old_hashes, new_hashes = old.loaded_hashes or {}, new.loaded_hashes or {}
+    names = {*old.units, *new.units, *old_hashes, *new_hashes}
+    units = {
+        n
+        for n in names
+        if old.units.get(n) != new.units.get(n) or old_hashes.get(n) != new_hashes.get(n)
+    }
+    return paths, units
+
+
+class TestIncrementalAudit:
+    @settings(max_examples=400, deadline=None)
+    @given(st.data())
+    def test_updates_equal_a_full_audit(self, data: st.DataObject) -> None:
+        """After any run of changes, re-judging only what changed gives exactly the full audit."""
+        obs, exp = data.draw(cases())
+        kept = IncrementalAudit(obs, exp)
+        assert kept.findings == audit(obs, exp)
+        for _ in range(data.draw(st.integers(1, 3))):
+            new = data.draw(changed(obs))
+            paths, names = _differences(obs, new)
+            assert kept.fits(new, exp)
+            assert kept.update(new, paths, names) == audit(new, exp)
+            obs = new
+
+    def test_a_managed_fragment_that_goes_ends_the_shadow(self) -> None:
+        """The unit whose managed fragment changed is judged again, though nothing names the path."""
+        here = f"{DIRS[0].path}/web.service"
+        managed = f"{DIRS[1].path}/web.service"
+        target = f"{FILES}/.config/systemd/user/web.service"
+        exp = Expectations(
+            home_manager_files=FILES,
+            home_manager_links=frozen_map({managed: ExpectedLink(managed, target, target, "s2")}),
+        )
+        link = FileFact(managed, FileKind.SYMLINK, target=target, resolved=target)
+        obs = Observation(
+            units=frozen_map({"web.service": UnitRecord("web.service", fragment_path=here)}),
+            facts=frozen_map({here: FileFact(here, FileKind.FILE, sha256="s1"), managed: link}),
+            unit_dirs=DIRS,
+            uid=UID,
+            scanned_files=frozenset({here, managed}),
+        )
+        kept = IncrementalAudit(obs, exp)
+        assert FindingKind.SHADOWED in {f.kind for f in kept.findings}
+        gone = replace(
+            obs,
+            facts=frozen_map({here: obs.facts[here]}),
+            scanned_files=frozenset({here}),
+        )
+        assert kept.update(gone, {managed}, ()) == audit(gone, exp)
+        assert FindingKind.SHADOWED not in {f.kind for f in kept.findings}
+
+    def test_other_expectations_need_a_new_audit(self) -> None:
+        """An audit cannot follow a new generation or baseline by updates."""
+        obs = Observation(units=frozen_map({}), facts=frozen_map({}), unit_dirs=DIRS, uid=UID)
+        exp = Expectations(managed_roots=("/nix/store",))
+        kept = IncrementalAudit(obs, exp)
+        assert kept.fits(obs, exp)
+        assert not kept.fits(obs, replace(exp, baseline=frozen_map({})))
+        assert not kept.fits(replace(obs, unit_dirs=DIRS[:2]), exp)
