@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,3 +26,19 @@ def wait_until(
             what = message or getattr(predicate, "__name__", repr(predicate))
             raise AssertionError(f"condition not met within {timeout}s: {what} (last: {value!r})")
         time.sleep(interval)
+
+
+def parse_python(source: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse``, immune to CPython 3.11's shared AST depth counter (gh-106905).
+
+    Another thread formatting a traceback (3.11 draws its carets with ``ast``) can make a parse
+    here fail with "AST constructor recursion depth mismatch"; the source itself is fine.
+    """
+    for _ in range(4):
+        try:
+            return ast.parse(source, filename)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+            error = exc
+    raise error

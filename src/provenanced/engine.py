@@ -303,7 +303,10 @@ class Engine:
         roots = [d.path for d in obs.unit_dirs]
         extra = [posixpath.dirname(posixpath.join(self.dirs.home, GCROOT)), self.state_dir]
         if self._watcher is not None and self._watcher.roots == tuple(roots):
+            degraded = self._watcher.degraded
             self._watcher.refresh()
+            if degraded and not self._watcher.degraded:
+                log.info("inotify.watches_restored", watches=self._watcher.watch_count)
             return
         if self._watcher is not None:
             self._watcher.close()

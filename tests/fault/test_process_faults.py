@@ -96,7 +96,7 @@ class TestWatchLimitExhausted:
     def test_degraded_mode_still_detects_drift_by_periodic_resync(
         self, fresh_sandbox: Sandbox, tmp_path: Path
     ) -> None:
-        """No inotify watch can be added: degraded=1, a resync every degraded_resync_interval, drift still found."""
+        """No inotify watch can be added: degraded=1, periodic resyncs find drift; degraded=0 once watches are back."""
         sandbox = fresh_sandbox
         config = config_toml(sandbox, "[policy]", "degraded_resync_interval = 1.0")
         with daemon_process(sandbox, tmp_path, config, wrapper=_NO_WATCHES) as proc:
@@ -112,8 +112,18 @@ class TestWatchLimitExhausted:
             poll(lambda: str(extra) in _paths(proc, "unmanaged-unit"), message="unwatched drift")
             extra.unlink()
             poll(lambda: proc.findings() == [], message="clean again")
+            # The limit raised in the daemon's namespace: the next resync places every watch.
+            subprocess.run(
+                ["nsenter", "--user", f"--target={proc.proc.pid}", "sh", "-c", _RAISE_LIMIT],
+                check=True,
+            )
+            poll(lambda: proc.metric("provenanced_degraded") == 0, message="degraded cleared")
+            assert proc.metric("provenanced_inotify_watches") > 0
+            assert len(_events(proc, "inotify.watches_restored")) == 1
             assert proc.alive()
 
+
+_RAISE_LIMIT = "echo 8192 > /proc/sys/user/max_inotify_watches"
 
 # uid 0 without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH meets permission bits like any user:
 # a root-owned file of mode 000 is unreadable to it, while the manager (full root) still reads it.

@@ -15,6 +15,7 @@ from typing import TypeVar
 import pytest
 
 from daemonkit import eventually, http_get, start_daemon, unit_file
+from helpers import parse_python
 from provenanced.actions import Healer
 from provenanced.config import Settings
 from provenanced.fs.facts import FactReader
@@ -85,7 +86,7 @@ class TestNoShell:
         offenders = {
             str(path.relative_to(ROOT)): uses
             for path in sorted(SRC.rglob("*.py"))
-            if (uses := _shell_uses(ast.parse(path.read_text(), str(path))))
+            if (uses := _shell_uses(parse_python(path.read_text(), str(path))))
         }
         assert offenders == {}
 
@@ -102,7 +103,7 @@ class TestNoShell:
             "call('rm -rf ' + name)\n"
             "conn.call('ListUnits')\n"
         )
-        assert len(_shell_uses(ast.parse(code))) == 5
+        assert len(_shell_uses(parse_python(code))) == 5
 
 
 # --- HTTP --------------------------------------------------------------------------------------

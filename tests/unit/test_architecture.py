@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import parse_python
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "provenanced"
 # The pure core: plain data in, plain data out, no I/O and no shell imports.
 CORE = {"model", "unitpath", "audit", "incremental", "describe", "index", "transitions"}
 
 
 def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_python(path.read_text(), str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -68,6 +68,7 @@ class UnitDirWatcher:
         self._watches: dict[str, Watch] = {}
         self._pending: list[WatchEvent] = []
         self.degraded = False
+        self._limit_hit = False  # since the last refresh, a watch failed for want of watches
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -91,7 +92,11 @@ class UnitDirWatcher:
         self.close()
 
     def refresh(self) -> None:
-        """(Re)establish watches on every root, its subdirectories and the parents of missing roots."""
+        """(Re)establish watches on every root, its subdirectories and the parents of missing roots.
+
+        Degraded mode ends once a refresh places every watch it wanted (the limit was raised).
+        """
+        self._limit_hit = False
         for root in (*self._roots, *self._extra):
             if _is_real_dir(root):
                 self._watch_dir(root, _DIR_MASK)
@@ -102,6 +107,8 @@ class UnitDirWatcher:
                 parent = _nearest_existing_parent(root)
                 if parent is not None:
                     self._watch_dir(parent, _PARENT_MASK)
+        if self.degraded and not self._limit_hit:
+            self.degraded = False
 
     def _watch_dir(self, path: str, mask: Mask) -> bool:
         if path in self._watches:
@@ -109,9 +116,11 @@ class UnitDirWatcher:
         try:
             self._watches[path] = self._inotify.add_watch(path, mask)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC and not self.degraded:
-                self.degraded = True
-                self._pending.append(WatchLimitReached(path))
+            if exc.errno == errno.ENOSPC:
+                self._limit_hit = True
+                if not self.degraded:
+                    self.degraded = True
+                    self._pending.append(WatchLimitReached(path))
             # EACCES, ENOENT (raced away), ENOTDIR (a link): the backstop resync still covers it.
             return False
         return True

@@ -225,8 +225,8 @@ class StatusCollector:
         )
         yield _flag(
             "provenanced_degraded",
-            "1 when coverage is reduced, e.g. an inotify watch could not be added or a unit "
-            "directory is unreadable.",
+            "1 while inotify watches are exhausted and a full resync every "
+            "policy.degraded_resync_interval stands in for them.",
             status.degraded,
         )
         yield _units(status)
