@@ -381,8 +381,11 @@ class Engine:
         """Re-read the manager, every audited file and the expectations."""
         assert self._observer is not None
         started = time.monotonic()
-        obs, generation = await self._observer.observe(loaded_hashes=self._loaded_hashes)
-        self._generation, self._exp = generation, None
+        obs, generation = await self._observer.observe(
+            loaded_hashes=self._loaded_hashes, known_generation=self._generation
+        )
+        if generation is not self._generation:
+            self._generation, self._exp = generation, None
         self._index = PathIndex.build(obs.units.values())
         if reference:
             # What the manager just loaded is the reference the mtime-blind checks compare against.
@@ -648,9 +651,21 @@ class Engine:
             except Exception as exc:
                 log.error("config.reload_failed", error=str(exc))
             else:
+                pending = [
+                    name
+                    for name in ("state_dir", "manager", "metrics", "log")
+                    if getattr(settings, name) != getattr(self.settings, name)
+                ]
+                if settings.provenance != self.settings.provenance and self._observer is not None:
+                    self._observer.managed_roots = settings.provenance.managed_roots
+                    self._observer.read_home_manager = settings.provenance.home_manager
+                    # Expectations are rebuilt, the generation read again (or no longer).
+                    self._exp, self._generation = None, Generation(None, None, {})
                 self.settings = settings
                 self._gate.interval = settings.policy.alert_min_interval
                 self._reload_gate = ReloadGate(settings.policy, self._reload_gate.history)
+                if pending:
+                    log.warning("config.restart_needed", sections=pending)
                 log.info("config.reloaded")
                 self._changes.put_nowait(FullResync("config reloaded", time.monotonic()))
             notify.notify("READY=1", "STATUS=configuration reloaded")

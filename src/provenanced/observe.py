@@ -89,11 +89,15 @@ class Observer:
         patterns: Sequence[str] = (),
         loaded_hashes: Mapping[str, str] | None = None,
         load: Sequence[str] = (),
+        known_generation: homemanager.Generation | None = None,
     ) -> tuple[Observation, homemanager.Generation]:
-        """A full observation: every loaded unit, every audited file, Home Manager's links."""
+        """A full observation: every loaded unit, every audited file, Home Manager's links.
+
+        ``known_generation``: the generation read last time, kept if the gcroot still leads there.
+        """
         unit_dirs = await self.unit_dirs()
         generation = (
-            homemanager.read_generation(self.dirs.home, unit_dirs, self.facts)
+            homemanager.read_generation(self.dirs.home, unit_dirs, self.facts, known_generation)
             if self.read_home_manager
             else homemanager.Generation(None, None, {})
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from provenanced.fs.facts import FactReader
@@ -20,10 +20,20 @@ class Generation:
     path: str | None
     home_files: str | None
     links: dict[str, ExpectedLink]
+    unit_dirs: tuple[str, ...] = ()  # the directories its links were listed for
 
 
-def read_generation(home: str, unit_dirs: Iterable[UnitDir], reader: FactReader) -> Generation:
-    """Follow the ``current-home`` gcroot and list what the generation links into unit dirs."""
+def read_generation(
+    home: str,
+    unit_dirs: Sequence[UnitDir],
+    reader: FactReader,
+    previous: Generation | None = None,
+) -> Generation:
+    """Follow the ``current-home`` gcroot and list what the generation links into unit dirs.
+
+    ``previous`` is returned as it is when the gcroot still leads to it: a store path never
+    changes, so neither do the links it holds nor their content.
+    """
     gcroot = posixpath.join(home, GCROOT)
     try:
         generation = os.path.realpath(gcroot, strict=True)
@@ -31,6 +41,13 @@ def read_generation(home: str, unit_dirs: Iterable[UnitDir], reader: FactReader)
         home_files = os.path.realpath(posixpath.join(generation, "home-files"), strict=True)
     except OSError:
         return Generation(None, None, {})
+    dirs = tuple(d.path for d in unit_dirs)
+    if previous is not None and (previous.path, previous.home_files, previous.unit_dirs) == (
+        generation,
+        home_files,
+        dirs,
+    ):
+        return previous
     links: dict[str, ExpectedLink] = {}
     for unit_dir in unit_dirs:
         relative = posixpath.relpath(unit_dir.path, home)
@@ -40,7 +57,7 @@ def read_generation(home: str, unit_dirs: Iterable[UnitDir], reader: FactReader)
             path = posixpath.join(home, posixpath.relpath(source, home_files))
             fact = reader.read(source)
             links[path] = ExpectedLink(path, source, fact.resolved or None, fact.sha256)
-    return Generation(generation, home_files, links)
+    return Generation(generation, home_files, links, dirs)
 
 
 def _walk_files(root: str) -> Iterable[str]:
