@@ -513,6 +513,7 @@ class Engine:
         self._obs = obs
         exp = self.expectations()
         if changed is None or self._audit is None or not self._audit.fits(obs, exp):
+            self._audit = None  # let the old one go first: two at once set the RSS peak
             self._audit = IncrementalAudit(obs, exp)
             found = list(self._audit.findings)
         else:

@@ -159,6 +159,7 @@ class ManagerConnection:
     ) -> None:
         self.transport = transport
         self.timeout = timeout
+        self.max_in_flight = max_in_flight
         self._bus = bus
         # dbus-fast drops the connection with EAGAIN at ~256 calls in flight (DESIGN.md §3).
         self._slots = asyncio.Semaphore(max_in_flight)

@@ -210,19 +210,29 @@ async def get_unit_records(conn: ManagerConnection, names: Iterable[str]) -> dic
     Reading a unit's object path makes the manager load it, so a unit that is not loaded yet comes
     back with ``LoadState=not-found`` or its real state. Invalid names are skipped without a call.
     """
-    wanted = [name for name in dict.fromkeys(names) if is_valid_unit_name(name)]
+    wanted = iter([name for name in dict.fromkeys(names) if is_valid_unit_name(name)])
+    records: dict[str, UnitRecord] = {}
+
+    async def read_some() -> None:
+        # The workers share one iterator: each name is read once, by whichever worker is free.
+        for name in wanted:
+            record = await _read_record(conn, name)
+            if record is not None:
+                records[record.name] = record
+
     try:
-        # A TaskGroup cancels the rest on the first failure, instead of letting hundreds of
-        # queued calls each wait out their timeout on a manager that stopped answering.
+        # As many workers as calls may be in flight, not a task per unit (1,000s of frames at
+        # once). A TaskGroup cancels the rest on the first failure, instead of letting queued
+        # calls each wait out their timeout on a manager that stopped answering.
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_read_record(conn, name)) for name in wanted]
+            for _ in range(conn.max_in_flight):
+                group.create_task(read_some())
     except BaseExceptionGroup as failed:
         first = _first_call_error(failed)
         if first is None:
             raise
         raise first from failed
-    records = (task.result() for task in tasks)
-    return {record.name: record for record in records if record is not None}
+    return records
 
 
 async def get_service_result(conn: ManagerConnection, name: str) -> ServiceResult:

@@ -30,12 +30,14 @@ _PROPS = {
 class _ScriptedConnection:
     """Answers GetAll per unit path from a script: properties, an error name, or a hang."""
 
+    max_in_flight = 4
+
     def __init__(self, script: dict[str, Any]) -> None:
         self.script = script
         self.cancelled = 0
 
     def as_conn(self) -> ManagerConnection:
-        """This stand-in where a connection is expected; manager.py only ever uses ``call``."""
+        """This stand-in where a connection is expected; manager.py uses ``call`` and ``max_in_flight``."""
         return cast(ManagerConnection, self)
 
     async def call(
