@@ -308,8 +308,11 @@ def _unmanaged_kind(loc: Location) -> FindingKind:
 def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
     unit = loc.unit
     base = ctx.exp.baseline.get(path)
-    if fact.masked and (
-        unit in ctx.expected_units or (base is not None and not _base_masked(base))
+    # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
+    if (
+        fact.masked
+        and not loc.is_dropin
+        and (unit in ctx.expected_units or (base is not None and not _base_masked(base)))
     ):
         yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
         return

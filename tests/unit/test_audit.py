@@ -378,6 +378,23 @@ class TestAuditUnits:
         obs = observe({mask: link(mask, "/dev/null", "/dev/null", None)}, [unit], scanned=(mask,))
         assert kinds(obs) == {(K.MASKED, "web.service", mask)}
 
+    @pytest.mark.parametrize("empty", ["file", "link"])
+    def test_empty_dropin_is_unmanaged_not_a_masked_unit(self, empty: str) -> None:
+        """An empty or /dev/null drop-in masks same-named drop-ins only, never its unit.
+
+        An editor's new drop-in is empty between create and write: it must not read as masked.
+        """
+        new = f"{CONFIG}/web.service.d/20-new.conf"
+        fact = (
+            regular(new, sha="s-empty", size=0)
+            if empty == "file"
+            else link(new, "/dev/null", "/dev/null", None)
+        )
+        unit = replace(WEB_UNIT, dropin_paths=(DROPIN, new))
+        assert kinds(observe({new: fact}, [unit], scanned=(new,))) == {
+            (K.UNMANAGED_DROPIN, "web.service", new)
+        }
+
     def test_shadowed_by_higher_priority_fragment(self) -> None:
         """A higher-priority fragment that overrides the managed one is shadowed, not merely unmanaged."""
         admin = f"{CONTROL}/web.service"
