@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import os
 import re
 import signal
@@ -122,6 +123,26 @@ class TestConnect:
         for _ in range(50):
             async with await ManagerConnection.connect(transport, timeout=5.0) as connection:
                 assert await manager.list_jobs(connection) is not None
+
+    async def test_private_connects_during_a_signal_flood(self, sandbox: Sandbox) -> None:
+        """Signals right behind the server's OK stay in the socket for the reader: every connect
+        authenticates and its first call is answered while reloads flood the manager's signals."""
+        transport = _transport(sandbox, "private")
+        stop = threading.Event()
+
+        def flood() -> None:
+            while not stop.is_set():
+                sandbox.daemon_reload()
+
+        thread = threading.Thread(target=flood, name="reload-flood")
+        thread.start()
+        try:
+            for _ in range(40):
+                async with await ManagerConnection.connect(transport, timeout=5.0) as connection:
+                    assert await manager.list_jobs(connection) is not None
+        finally:
+            stop.set()
+            thread.join()
 
     async def test_close_after_cancelled_waiter(self, transport: Transport) -> None:
         """A cancelled wait_for_disconnect (engine shutdown) leaves close() working."""

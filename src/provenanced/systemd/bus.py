@@ -44,6 +44,7 @@ CallHook = Callable[[str, CallResult], None]
 SignalHandler = Callable[[Message], None]
 
 DEFAULT_TIMEOUT = 10.0
+_MAX_AUTH_REPLY = 512  # bytes; a SASL reply line is "OK " and a 32-digit GUID, or an error word
 DEFAULT_MAX_IN_FLIGHT = 32
 # One rule for every manager signal; per-unit rules (what proxies add) would cost one each.
 _MANAGER_MATCH = f"type='signal',sender='{SYSTEMD_NAME}',path_namespace='{MANAGER_PATH}'"
@@ -117,6 +118,11 @@ class _PipelinedAuthBus(dbus_fast.aio.MessageBus):
     ``BEGIN``+message in one write, 0 of 40 answered; pipelined ``AUTH``+``BEGIN``, 300 of 300).
     With ``BEGIN`` pipelined, the first message can only follow the server's ``OK``. dbus-daemon
     accepts the same pipelining from sd-bus clients every day.
+
+    With ``BEGIN`` sent, the server may write its first messages (systemd signals every private
+    connection) right behind ``OK``. dbus-fast's line reader reads in chunks and would swallow
+    them, or fail with "auth line exceeded maximum size"; this one reads the line byte by byte,
+    so everything after it stays in the socket for the message reader.
     """
 
     async def _inner_authenticate(self) -> None:
@@ -125,7 +131,15 @@ class _PipelinedAuthBus(dbus_fast.aio.MessageBus):
             raise AuthError("socket closed before authentication")
         uid = str(os.geteuid()).encode().hex()
         await self._loop.sock_sendall(sock, f"\0AUTH EXTERNAL {uid}\r\nBEGIN\r\n".encode())
-        reply = await self._auth_readline()
+        line = bytearray()
+        while not line.endswith(b"\r\n"):
+            byte = await self._loop.sock_recv(sock, 1)  # "OK <32 hex digits>": 37 reads, once
+            if not byte:
+                raise AuthError("connection closed during authentication")
+            line += byte
+            if len(line) > _MAX_AUTH_REPLY:
+                raise AuthError("authentication reply too long")
+        reply = line[:-2].decode("ascii", "replace")
         if not reply.startswith("OK "):
             raise AuthError(f"authentication failed: {reply!r}")
 

@@ -183,7 +183,7 @@ class TestPipelinedAuth:
 class TestDbusFastInternals:
     """The private dbus-fast hooks the pipelined authentication overrides still exist."""
 
-    @pytest.mark.parametrize("name", ["_inner_authenticate", "_auth_readline"])
+    @pytest.mark.parametrize("name", ["_inner_authenticate"])
     def test_hook_present(self, name: str) -> None:
         """A dbus-fast release that renames these would silently bring back the connect hang."""
         assert inspect.iscoroutinefunction(getattr(dbus_fast.aio.MessageBus, name))
