@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import os
 import re
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
