@@ -8,7 +8,7 @@ import os
 import posixpath
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,11 +16,10 @@ import structlog
 
 from provenanced import notify
 from provenanced.actions import Healer, ReloadGate, reload_manager
-from provenanced.audit import definition_hash
 from provenanced.config import Settings
 from provenanced.errors import ManagerCallError, ManagerUnreachableError, StateError
 from provenanced.expect import baseline
-from provenanced.expect.homemanager import GCROOT, Generation
+from provenanced.expect.homemanager import GCROOT
 from provenanced.fs.watch import (
     Overflow,
     PathChanged,
@@ -28,14 +27,9 @@ from provenanced.fs.watch import (
     WatchEvent,
     WatchLimitReached,
 )
-from provenanced.incremental import IncrementalAudit
-from provenanced.index import PathIndex
 from provenanced.model import (
-    BaselineEntry,
     DaemonStatus,
-    Expectations,
     FileFact,
-    FileKind,
     Finding,
     FindingKind,
     Observation,
@@ -47,8 +41,8 @@ from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection, resolve_address
+from provenanced.tracker import Changed, FullResyncNeeded, Tracker
 from provenanced.transitions import AlertGate, Key, diff
-from provenanced.unitpath import AUDITED_TIERS, locate
 from provenanced.verify import JobTracker
 
 log = structlog.get_logger("provenanced.engine")
@@ -103,7 +97,7 @@ Change = PathChanged | FullResync | UnitsChanged | BaselineChanged
 
 
 class Engine:
-    """Owns the observation, the open findings and every long-running loop of the daemon."""
+    """Owns the open findings and every long-running loop; the tracker owns what is observed."""
 
     def __init__(
         self,
@@ -125,15 +119,8 @@ class Engine:
         self.status = DaemonStatus()
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._conn: ManagerConnection | None = None
-        self._observer: Observer | None = None
-        self._obs: Observation | None = None
-        self._generation = Generation(None, None, {})
-        self._baseline: dict[str, BaselineEntry] = {}
-        self._exp: Expectations | None = None  # built once per generation and baseline
-        self._audit: IncrementalAudit | None = None
-        self._index = PathIndex()
+        self.tracker = Tracker()
         self._findings: dict[Key, Finding] = {}
-        self._loaded_hashes: dict[str, str] = {}
         self._jobs = JobTracker()
         self._gate = AlertGate(settings.policy.alert_min_interval)
         self._reload_gate = ReloadGate(settings.policy)
@@ -188,7 +175,7 @@ class Engine:
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
-        obs = self._obs
+        obs = self.tracker.obs
         load_states: dict[str, int] = {}
         for unit in obs.units.values() if obs else ():
             load_states[unit.load_state] = load_states.get(unit.load_state, 0) + 1
@@ -224,12 +211,12 @@ class Engine:
                 self._conn, self._transport = conn, transport.kind
                 self._manager_reloading = False
                 await manager.subscribe(conn, self._on_signal)
-                self._observer = Observer(
+                self.tracker.observer = Observer(
                     conn,
                     self.dirs,
                     self.settings.provenance.managed_roots,
                     read_home_manager=self.settings.provenance.home_manager,
-                    reader=self._observer.reader if self._observer else None,
+                    reader=self.tracker.observer.reader if self.tracker.observer else None,
                 )
                 await self.full_resync("connected", reference=True)
                 self.connected.set()
@@ -293,8 +280,8 @@ class Engine:
         if finding is not None:
             self.telemetry.record_job_unverified()
             self.journal.send_job_unverified(finding)
-        if self._obs is not None:
-            self._apply(self._obs, ((), ()))  # only the job findings changed
+        if self.tracker.obs is not None:
+            self._apply(self.tracker.obs, ((), ()))  # only the job findings changed
             self.publish()
 
     # ---- files -----------------------------------------------------------------------------
@@ -349,7 +336,7 @@ class Engine:
             batch = [await self._changes.get()]
             while not self._changes.empty():
                 batch.append(self._changes.get_nowait())
-            if self._conn is None or self._obs is None:
+            if self._conn is None or self.tracker.obs is None:
                 continue  # the reconnect does a full resync anyway
             started = min(
                 (c.monotonic for c in batch if not isinstance(c, BaselineChanged)), default=None
@@ -379,20 +366,8 @@ class Engine:
 
     async def full_resync(self, reason: str, reference: bool = False) -> None:
         """Re-read the manager, every audited file and the expectations."""
-        assert self._observer is not None
         started = time.monotonic()
-        obs, generation = await self._observer.observe(
-            loaded_hashes=self._loaded_hashes, known_generation=self._generation
-        )
-        if generation is not self._generation:
-            self._generation, self._exp = generation, None
-        self._index = PathIndex.build(obs.units.values())
-        if reference:
-            # What the manager just loaded is the reference the mtime-blind checks compare against.
-            self._loaded_hashes = {}
-        for unit in obs.units.values():
-            self._loaded_hashes.setdefault(unit.name, definition_hash(unit, obs.facts))
-        obs = replace(obs, loaded_hashes=frozen_map(self._loaded_hashes))
+        obs = await self.tracker.read_all(reference)
         self._read_baseline(obs)
         self._start_watching(obs)
         self._apply(obs)
@@ -412,72 +387,12 @@ class Engine:
         self, changed: Mapping[str, bool], names: Mapping[str, bool] | None = None
     ) -> None:
         """Re-read the changed paths and the units they can affect; ``names``: unit → unloaded."""
-        assert self._obs is not None and self._observer is not None and self._conn is not None
-        obs = self._obs
-        dirs = {d.path: d for d in obs.unit_dirs}
-        scanned = set(obs.scanned_files)
-        paths: set[str] = set()
-        for path, is_dir in changed.items():
-            if not path:
-                continue
-            if is_dir and path in dirs:
-                await self.full_resync(f"unit directory {path} changed")
-                return
-            paths.add(path)
-            if is_dir:
-                inside = {p for p in scanned if p.startswith(path + "/")}
-                paths |= inside
-                scanned -= inside
-        facts = dict(obs.facts)
-        facts.update(self._observer.facts.read_many(paths))
-        names = names or {}
-        gone = {name for name, removed in names.items() if removed}
-        affected = {name for name, removed in names.items() if not removed}
-        for path in paths:
-            loc = locate(path, dirs)
-            fact = facts[path]
-            if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
-                if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
-                    scanned.add(path)
-                else:
-                    scanned.discard(path)
-            affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
-            if (
-                loc is not None
-                and loc.is_fragment
-                and loc.unit not in obs.units
-                and fact.kind is not FileKind.MISSING
-            ):
-                await manager.load_unit(self._conn, loc.unit)
-                affected.add(loc.unit)
-        units = dict(obs.units)
-        for name in gone - affected:
-            old = units.pop(name, None)
-            if old is not None:
-                self._index.remove(old)
-            self._loaded_hashes.pop(name, None)
-        affected -= gone
-        records = await manager.get_unit_records(self._conn, sorted(affected))
-        facts.update(self._observer.read_facts(records.values(), (), ()))
-        # Re-read definition files may be shared with units outside ``affected``: all count as changed.
-        paths.update(p for record in records.values() for p in record.definition_paths)
-        for name in affected:
-            old = units.pop(name, None)
-            if old is not None:
-                self._index.remove(old)
-        for record in records.values():
-            units[record.name] = record
-            self._index.add(record)
-            # A unit seen for the first time: what is on disk now is the reference.
-            self._loaded_hashes.setdefault(record.name, definition_hash(record, facts))
-        obs = replace(
-            obs,
-            units=frozen_map(units),
-            facts=frozen_map(facts),
-            scanned_files=frozenset(scanned),
-            loaded_hashes=frozen_map(self._loaded_hashes),
-        )
-        self._apply(obs, (paths, affected | gone))
+        try:
+            obs, touched = await self.tracker.read_changes(changed, names or {})
+        except FullResyncNeeded as exc:
+            await self.full_resync(str(exc))
+            return
+        self._apply(obs, touched)
         self.publish()
 
     def _read_baseline(self, obs: Observation | None = None) -> None:
@@ -494,30 +409,14 @@ class Engine:
             except StateError as exc:
                 log.error("baseline.unwritable", error=str(exc))
         if accepted is not None:
-            self._baseline, self._exp = accepted, None
-        if obs is None and self._obs is not None:
-            self._apply(self._obs)
+            self.tracker.accept_baseline(accepted)
+        if obs is None and self.tracker.obs is not None:
+            self._apply(self.tracker.obs)
             self.publish()
 
-    def expectations(self) -> Expectations:
-        """What vouches for files right now."""
-        assert self._observer is not None
-        if self._exp is None:
-            self._exp = self._observer.expectations(self._generation, self._baseline)
-        return self._exp
-
-    def _apply(
-        self, obs: Observation, changed: tuple[Iterable[str], Iterable[str]] | None = None
-    ) -> None:
+    def _apply(self, obs: Observation, changed: Changed | None = None) -> None:
         """Judge ``obs``: in full, or only the ``(paths, units)`` that changed since the last one."""
-        self._obs = obs
-        exp = self.expectations()
-        if changed is None or self._audit is None or not self._audit.fits(obs, exp):
-            self._audit = None  # let the old one go first: two at once set the RSS peak
-            self._audit = IncrementalAudit(obs, exp)
-            found = list(self._audit.findings)
-        else:
-            found = list(self._audit.update(obs, *changed))
+        found = list(self.tracker.judge(obs, changed))
         found.extend(self._jobs.findings())
         self._findings, transitions = diff(self._findings, found, time.time())
         for transition in transitions:
@@ -557,23 +456,22 @@ class Engine:
     # ---- actions ---------------------------------------------------------------------------
 
     def _heal_due(self, finding: Finding) -> bool:
-        fact = self._obs.facts.get(finding.path) if self._obs else None
+        obs = self.tracker.obs
+        fact = obs.facts.get(finding.path) if obs else None
         return self._healer.wants(finding, self.settings.policy) and self._heal_tried.get(
             finding.key
         ) != _identity(fact)
 
     def _heal(self) -> bool:
         healed = False
-        exp = self.expectations()
+        exp, obs = self.tracker.expectations(), self.tracker.obs
         for finding in list(self._findings.values()):
             if not self._heal_due(finding):
                 continue
             expected = exp.home_manager_links.get(finding.path)
-            fact = self._obs.facts.get(finding.path) if self._obs else None
+            fact = obs.facts.get(finding.path) if obs else None
             self._heal_tried[finding.key] = _identity(fact)
-            outcome = self._healer.heal(
-                finding, fact, expected, self._obs.unit_dirs if self._obs else ()
-            )
+            outcome = self._healer.heal(finding, fact, expected, obs.unit_dirs if obs else ())
             self.telemetry.record_heal(finding.kind.value, "ok" if outcome.ok else "failed")
             self.journal.send_heal(outcome.ok, finding, outcome.detail)
             log.info(
@@ -657,11 +555,12 @@ class Engine:
                     for name in ("state_dir", "manager", "metrics", "log")
                     if getattr(settings, name) != getattr(self.settings, name)
                 ]
-                if settings.provenance != self.settings.provenance and self._observer is not None:
-                    self._observer.managed_roots = settings.provenance.managed_roots
-                    self._observer.read_home_manager = settings.provenance.home_manager
+                observer = self.tracker.observer
+                if settings.provenance != self.settings.provenance and observer is not None:
+                    observer.managed_roots = settings.provenance.managed_roots
+                    observer.read_home_manager = settings.provenance.home_manager
                     # Expectations are rebuilt, the generation read again (or no longer).
-                    self._exp, self._generation = None, Generation(None, None, {})
+                    self.tracker.forget_generation()
                 self.settings = settings
                 self._gate.interval = settings.policy.alert_min_interval
                 self._reload_gate = ReloadGate(settings.policy, self._reload_gate.history)

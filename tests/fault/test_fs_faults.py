@@ -198,11 +198,11 @@ class TestHostileNames:
         """Escaped and instance names were read over the bus (a wrong object path reads nothing)."""
         await eventually(
             lambda: (
-                running.engine._obs is not None
-                and {_ESCAPED, "tpl@in\\x2dstance.service"} <= set(running.engine._obs.units)
+                running.engine.tracker.obs is not None
+                and {_ESCAPED, "tpl@in\\x2dstance.service"} <= set(running.engine.tracker.obs.units)
             )
         )
-        obs = running.engine._obs
+        obs = running.engine.tracker.obs
         assert obs is not None
         assert obs.units[_ESCAPED].load_state == "loaded"
         assert obs.units[_ESCAPED].dropin_paths[-1].endswith("/10-extra.conf")

@@ -92,7 +92,10 @@ class TestReload:
             def watch_publish() -> None:
                 # Every state the daemon publishes must still know the unit.
                 publish()
-                if engine._obs is not None and "backup.service" not in engine._obs.units:
+                if (
+                    engine.tracker.obs is not None
+                    and "backup.service" not in engine.tracker.obs.units
+                ):
                     dropped.append(engine.resyncs)
 
             engine.publish = watch_publish  # type: ignore[method-assign]
