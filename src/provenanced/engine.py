@@ -133,6 +133,7 @@ class Engine:
         self._last_change = time.monotonic()
         self._transport = ""
         self._manager_reloading = False
+        self._behind = False  # a re-check failed; the findings wait for its retry
         self.resyncs = 0
         self._tg: asyncio.TaskGroup | None = None
 
@@ -185,7 +186,7 @@ class Engine:
             manager_connected=self.connected.is_set(),
             transport=self._transport,
             ready=self.ready.is_set(),
-            stale=not self.connected.is_set(),
+            stale=self._behind or not self.connected.is_set(),
             degraded=bool(self._watcher and self._watcher.degraded),
             inotify_watches=self._watcher.watch_count if self._watcher else 0,
             last_full_resync=self.status.last_full_resync,
@@ -354,6 +355,8 @@ class Engine:
                     await self._resync_paths(paths, names)
             except ManagerCallError as exc:
                 log.warning("engine.resync_failed", error=str(exc), retry_in=_RETRY_DELAY)
+                self._behind = True
+                self.publish()
                 # The batch's changes are not reflected yet, and nothing else would bring them
                 # back before the backstop (a slow manager sends no signal): retry in full.
                 await asyncio.sleep(_RETRY_DELAY)
@@ -372,6 +375,7 @@ class Engine:
         self._start_watching(obs)
         self._apply(obs)
         self.resyncs += 1
+        self._behind = False
         duration = time.monotonic() - started
         self.telemetry.observe_resync(duration)
         self.status = replace(self.status, last_full_resync=time.time())

@@ -113,11 +113,14 @@ class TestCallTimeout:
                     lambda: _timeouts(running, "GetAll") >= 1, what="a call timing out"
                 )
                 assert running.alive()
+                # Connected, but the findings are behind: the metric says so.
+                await eventually(lambda: running.sample("provenanced_stale") == 1, what="stale")
             finally:
                 os.kill(pid, signal.SIGCONT)
             await eventually(lambda: running.has(FindingKind.LINK_REPLACED, path))
             assert running.alive() and running.engine.connected.is_set()
             assert running.sample("provenanced_manager_connected") == 1
+            await eventually(lambda: running.sample("provenanced_stale") == 0, what="caught up")
             path.unlink()
             path.symlink_to(target)
             await eventually(lambda: not running.has(FindingKind.LINK_REPLACED, path))
