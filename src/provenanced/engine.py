@@ -134,6 +134,7 @@ class Engine:
         self._transport = ""
         self._manager_reloading = False
         self._behind = False  # a re-check failed; the findings wait for its retry
+        self._baseline_stamp: tuple[int, int, int, int] | None = None
         self.resyncs = 0
         self._tg: asyncio.TaskGroup | None = None
 
@@ -400,6 +401,10 @@ class Engine:
         self.publish()
 
     def _read_baseline(self, obs: Observation | None = None) -> None:
+        """Load the accepted baseline (record one from ``obs`` when there is none yet)."""
+        stamp = baseline.baseline_stamp(self.state_dir)
+        if obs is not None and stamp is not None and stamp == self._baseline_stamp:
+            return  # unchanged since last read: keep it, and the expectations built on it
         try:
             accepted = baseline.load_baseline(self.state_dir)
         except StateError as exc:
@@ -414,6 +419,8 @@ class Engine:
                 log.error("baseline.unwritable", error=str(exc))
         if accepted is not None:
             self.tracker.accept_baseline(accepted)
+            # Stamped before the read, so a write racing it is read again next time.
+            self._baseline_stamp = stamp or baseline.baseline_stamp(self.state_dir)
         if obs is None and self.tracker.obs is not None:
             self._apply(self.tracker.obs)
             self.publish()

@@ -16,6 +16,15 @@ BASELINE_FILE = "baseline.json"
 _VERSION = 1
 
 
+def baseline_stamp(state_dir: str) -> tuple[int, int, int, int] | None:
+    """What tells one version of the baseline file from the next (None when there is none)."""
+    try:
+        st = os.stat(posixpath.join(state_dir, BASELINE_FILE))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_baseline(state_dir: str) -> dict[str, BaselineEntry] | None:
     """The recorded baseline, or ``None`` when none has been accepted yet."""
     path = posixpath.join(state_dir, BASELINE_FILE)
