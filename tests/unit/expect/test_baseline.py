@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from provenanced.errors import StateError
-from provenanced.expect.baseline import entries_from_facts, load_baseline, save_baseline
+from provenanced.expect.baseline import (
+    baseline_stamp,
+    entries_from_facts,
+    load_baseline,
+    save_baseline,
+)
 from provenanced.model import FileFact, FileKind
 
 
@@ -32,6 +37,16 @@ class TestBaseline:
         save_baseline(str(tmp_path), entries)
         assert load_baseline(str(tmp_path)) == entries
         assert set(entries) == {"/u/a.service", "/u/b.service"}
+
+    def test_stamp_tells_versions_apart(self, tmp_path: Path) -> None:
+        """The stamp holds while the file is untouched and changes with every save, same content or not."""
+        assert baseline_stamp(str(tmp_path)) is None
+        entries = entries_from_facts(facts())
+        save_baseline(str(tmp_path), entries)
+        first = baseline_stamp(str(tmp_path))
+        assert first is not None and baseline_stamp(str(tmp_path)) == first
+        save_baseline(str(tmp_path), entries)  # an atomic replace: a new inode
+        assert baseline_stamp(str(tmp_path)) not in (None, first)
 
     def test_absent_is_none(self, tmp_path: Path) -> None:
         """No baseline yet is not an error."""
