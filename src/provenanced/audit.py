@@ -157,7 +157,10 @@ def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = F
     if tier_is_system:
         return Owner.SYSTEM
     expected = exp.home_manager_links.get(path)
-    if expected is not None and fact.kind is FileKind.SYMLINK and _matches(fact, expected):
+    if expected is not None and (
+        (fact.kind is FileKind.SYMLINK and _matches(fact, expected))
+        or _through_expected_dir(fact, expected)
+    ):
         return Owner.HOME_MANAGER
     if (
         fact.kind is FileKind.SYMLINK
@@ -167,10 +170,26 @@ def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = F
         hm_dir = home_manager_files_dir(fact.target)
         if hm_dir is None or hm_dir == exp.home_manager_files:
             return Owner.MANAGED_ROOT
+    if _in_linked_managed_dir(fact, exp):
+        return Owner.MANAGED_ROOT
     base = exp.baseline.get(path)
     if base is not None and _same_as_baseline(fact, base):
         return Owner.BASELINE
     return Owner.NONE
+
+
+def _through_expected_dir(fact: FileFact, expected: ExpectedLink) -> bool:
+    # Home Manager linked the whole directory (``recursive = false``): the file is its file.
+    return (
+        fact.kind is FileKind.FILE
+        and fact.real_path is not None
+        and fact.real_path == expected.resolved
+    )
+
+
+def _in_linked_managed_dir(fact: FileFact, exp: Expectations) -> bool:
+    # A file in a directory that is a link into a managed root (the store): managed as a whole.
+    return fact.kind is FileKind.FILE and is_under(fact.real_path, exp.managed_roots)
 
 
 def _matches(fact: FileFact, expected: ExpectedLink) -> bool:
@@ -229,6 +248,8 @@ def _check_owner_and_mode(
     ctx: _Context, loc: Location, path: str, fact: FileFact
 ) -> Iterator[Finding]:
     unit = loc.unit
+    if _in_linked_managed_dir(fact, ctx.exp):
+        return  # a read-only store file, root-owned by design: nobody rewrites it in place
     if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != ctx.obs.uid:
         what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
         yield _finding(
@@ -261,6 +282,8 @@ def _check_expected(
         yield _finding(
             K.MASKED, unit, path, "masked here, but Home Manager's current generation provides it"
         )
+    elif _through_expected_dir(fact, expected):
+        return  # Home Manager linked the whole directory, and this is the file it holds
     elif fact.kind is FileKind.FILE:
         state = "latent" if fact.sha256 and fact.sha256 == expected.sha256 else "divergent"
         what = "same content as" if state == "latent" else "different content from"
@@ -318,7 +341,9 @@ def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -
         return
     if fact.kind is FileKind.SYMLINK:
         yield from _check_unexpected_link(ctx, loc, path, fact, base)
-    elif base is not None and _same_as_baseline(fact, base):
+    elif (base is not None and _same_as_baseline(fact, base)) or _in_linked_managed_dir(
+        fact, ctx.exp
+    ):
         return
     elif fact.kind is FileKind.FILE:
         if (

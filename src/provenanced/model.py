@@ -110,6 +110,9 @@ class FileFact:
     mtime_ns: int | None = None
     inode: int | None = None
     error: str | None = None
+    # A regular file reached through a linked directory (Home Manager links a whole directory
+    # when ``recursive = false``): where it really lies. None when no parent is a link.
+    real_path: str | None = None
 
     @property
     def dangling(self) -> bool:

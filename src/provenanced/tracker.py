@@ -95,7 +95,8 @@ class Tracker:
         for path, is_dir in changed.items():
             if not path:
                 continue
-            if is_dir and path in dirs:
+            if path in dirs:
+                # Created, removed, or (a linked directory) retargeted: everything in it changed.
                 raise FullResyncNeeded(f"unit directory {path} changed")
             paths.add(path)
             if is_dir:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemonkit import Running, eventually, start_daemon
+from daemonkit import Running, eventually, settings_for, start_daemon
+from provenanced.config import ProvenanceSettings
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox, build_generation, example_units
 
@@ -58,6 +60,49 @@ class TestDetection:
         dropin.parent.mkdir()
         dropin.write_text("[Service]\nEnvironment=LATE=1\n")
         await eventually(lambda: daemon.has(FindingKind.UNMANAGED_DROPIN, dropin))
+
+
+class TestLinkedUnitDirectory:
+    async def test_a_unit_directory_linked_into_a_managed_root(
+        self, fresh_sandbox: Sandbox
+    ) -> None:
+        """Home Manager's ``recursive = false`` links a whole unit directory into the store:
+        its files are managed, a retarget is seen at once, a real directory is not vouched for."""
+        sandbox = fresh_sandbox
+        settings = settings_for(sandbox, need_daemon_reload="flag")
+        settings = settings.model_copy(
+            update={"provenance": ProvenanceSettings(managed_roots=(str(sandbox.store),))}
+        )
+        first, second = sandbox.store / "dddd-units", sandbox.store / "eeee-units"
+        for directory, env in ((first, "1"), (second, "2")):
+            directory.mkdir()
+            (directory / "linked.service").write_text(
+                f"[Service]\nExecStart=/bin/sleep infinity\nEnvironment=V={env}\n"
+            )
+        linked = sandbox.admin_dir / "linked.service"
+        async with start_daemon(sandbox, settings) as running:
+            shutil.rmtree(sandbox.admin_dir, ignore_errors=True)
+            sandbox.admin_dir.symlink_to(first)
+            sandbox.daemon_reload()
+            sandbox.systemctl("start", "linked.service")  # loaded, so a retarget makes it stale
+            await eventually(
+                lambda: (
+                    running.engine.tracker.obs is not None
+                    and "linked.service" in running.engine.tracker.obs.units
+                )
+            )
+            assert running.findings() == set()
+            # Retargeted like an activation would (rename over the link): stale at once.
+            replacement = sandbox.admin_dir.with_name("user.new")
+            replacement.symlink_to(second)
+            replacement.rename(sandbox.admin_dir)
+            await eventually(lambda: running.has(FindingKind.STALE_LOAD, linked))
+            assert not running.has(FindingKind.UNMANAGED_UNIT, linked)
+            # A real directory with the same file: nothing vouches for it.
+            sandbox.admin_dir.unlink()
+            sandbox.admin_dir.mkdir()
+            shutil.copy(second / "linked.service", linked)
+            await eventually(lambda: running.has(FindingKind.UNMANAGED_UNIT, linked))
 
 
 class TestReload:

@@ -378,6 +378,27 @@ class TestAuditUnits:
         obs = observe({mask: link(mask, "/dev/null", "/dev/null", None)}, [unit], scanned=(mask,))
         assert kinds(obs) == {(K.MASKED, "web.service", mask)}
 
+    def test_whole_directory_linked_by_home_manager(self) -> None:
+        """``recursive = false``: the unit directory is one link into the store. Its files are
+        root-owned regular files there; they are what Home Manager provides, not drift."""
+        through = FileFact(
+            WEB, FileKind.FILE, uid=0, mode=0o444, size=10, sha256="s-web", real_path=WEB_STORE
+        )
+        assert kinds(observe({WEB: through})) == set()
+        # The same bytes in a real directory: the link was replaced (and the owner is foreign).
+        copied = replace(through, real_path=None)
+        assert kinds(observe({WEB: copied})) == {
+            (K.LINK_REPLACED, "web.service", WEB),
+            (K.FOREIGN_OWNER, "web.service", WEB),
+        }
+        # A directory linked outside the managed roots vouches for nothing.
+        elsewhere = f"{CONFIG}/extra.service"
+        outside = regular(elsewhere)
+        outside = replace(outside, real_path="/srv/units/extra.service")
+        assert kinds(observe({elsewhere: outside}, scanned=(elsewhere,))) == {
+            (K.UNMANAGED_UNIT, "extra.service", elsewhere)
+        }
+
     @pytest.mark.parametrize("empty", ["file", "link"])
     def test_empty_dropin_is_unmanaged_not_a_masked_unit(self, empty: str) -> None:
         """An empty or /dev/null drop-in masks same-named drop-ins only, never its unit.

@@ -196,6 +196,7 @@ facts = st.builds(
     mtime_ns=st.sampled_from([None, 1]),
     inode=st.sampled_from([None, 1, 2]),
     error=st.sampled_from([None, "Permission denied", "Too many levels of symbolic links"]),
+    real_path=st.sampled_from([None, "/nix/store/bbbb-web.service", "/tmp/outside.service"]),
 )
 units = st.builds(
     UnitRecord,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 from provenanced.model import FileFact, FileKind
 
@@ -39,7 +41,9 @@ class FactReader:
             return self._read_link(path, st)
         if stat.S_ISREG(st.st_mode):
             sha, error = self._hash(path, st)
-            return _fact(path, FileKind.FILE, st, st, sha=sha, error=error)
+            fact = _fact(path, FileKind.FILE, st, st, sha=sha, error=error)
+            real = _real_path(path)
+            return fact if real is None else replace(fact, real_path=real)
         kind = FileKind.DIRECTORY if stat.S_ISDIR(st.st_mode) else FileKind.OTHER
         return _fact(path, kind, st, st)
 
@@ -131,13 +135,31 @@ def _resolve(path: str) -> tuple[str, os.stat_result]:
     """
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        target_st = os.fstat(fd)
-        try:
-            return os.readlink(f"/proc/self/fd/{fd}"), target_st
-        except FileNotFoundError:  # no /proc mounted here
-            return os.path.realpath(path, strict=True), target_st
+        return _opened_path(fd, path), os.fstat(fd)
     finally:
         os.close(fd)
+
+
+def _real_path(path: str) -> str | None:
+    """Where a regular file really lies when a parent directory is a link; None otherwise."""
+    directory, name = posixpath.split(path)
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            real = _opened_path(fd, directory)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return None if real == directory else posixpath.join(real, name)
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """The canonical path of an open file, as the kernel knows it."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:  # no /proc mounted here
+        return os.path.realpath(path, strict=True)
 
 
 def _describe(exc: OSError) -> str:

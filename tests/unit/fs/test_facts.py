@@ -21,6 +21,18 @@ class TestFactReader:
         assert (fact.mode, fact.size, fact.uid) == (0o640, 7, os.getuid())
         assert fact.sha256 == hashlib.sha256(b"[Unit]\n").hexdigest()
 
+    def test_file_in_a_linked_directory_knows_where_it_lies(self, tmp_path: Path) -> None:
+        """A file reached through a directory link carries its real path; others carry none."""
+        store = tmp_path / "store" / "units"
+        store.mkdir(parents=True)
+        (store / "web.service").write_text("[Service]\n")
+        (tmp_path / "user").symlink_to(store)
+        reader = FactReader()
+        linked = reader.read(str(tmp_path / "user" / "web.service"))
+        assert linked.kind is FileKind.FILE
+        assert linked.real_path == str(store.resolve() / "web.service")
+        assert reader.read(str(store.resolve() / "web.service")).real_path is None
+
     def test_symlink_reports_target_content(self, tmp_path: Path) -> None:
         """A link reports what it reads, where it resolves and the content there."""
         target = tmp_path / "store-a.service"
