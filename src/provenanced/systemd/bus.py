@@ -44,8 +44,8 @@ CallHook = Callable[[str, CallResult], None]
 SignalHandler = Callable[[Message], None]
 
 DEFAULT_TIMEOUT = 10.0
-_MAX_AUTH_REPLY = 512  # bytes; a SASL reply line is "OK " and a 32-digit GUID, or an error word
 DEFAULT_MAX_IN_FLIGHT = 32
+_MAX_AUTH_REPLY = 512  # bytes; a SASL reply line is "OK " and a 32-digit GUID, or an error word
 # One rule for every manager signal; per-unit rules (what proxies add) would cost one each.
 _MANAGER_MATCH = f"type='signal',sender='{SYSTEMD_NAME}',path_namespace='{MANAGER_PATH}'"
 _OWNER_MATCH = (
