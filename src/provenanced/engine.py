@@ -134,6 +134,9 @@ class Engine:
         self._transport = ""
         self._manager_reloading = False
         self._behind = False  # a re-check failed; the findings wait for its retry
+        # One re-read at a time: a partial one started from the observation a concurrent full
+        # resync (a reconnect) replaces would land after it and undo it.
+        self._reading = asyncio.Lock()
         self._baseline_stamp: tuple[int, int, int, int] | None = None
         self.resyncs = 0
         self._tg: asyncio.TaskGroup | None = None
@@ -370,11 +373,12 @@ class Engine:
 
     async def full_resync(self, reason: str, reference: bool = False) -> None:
         """Re-read the manager, every audited file and the expectations."""
-        started = time.monotonic()
-        obs = await self.tracker.read_all(reference)
-        self._read_baseline(obs)
-        self._start_watching(obs)
-        self._apply(obs)
+        async with self._reading:
+            started = time.monotonic()
+            obs = await self.tracker.read_all(reference)
+            self._read_baseline(obs)
+            self._start_watching(obs)
+            self._apply(obs)
         self.resyncs += 1
         self._behind = False
         duration = time.monotonic() - started
@@ -392,13 +396,16 @@ class Engine:
         self, changed: Mapping[str, bool], names: Mapping[str, bool] | None = None
     ) -> None:
         """Re-read the changed paths and the units they can affect; ``names``: unit → unloaded."""
-        try:
-            obs, touched = await self.tracker.read_changes(changed, names or {})
-        except FullResyncNeeded as exc:
-            await self.full_resync(str(exc))
-            return
-        self._apply(obs, touched)
-        self.publish()
+        async with self._reading:
+            try:
+                obs, touched = await self.tracker.read_changes(changed, names or {})
+            except FullResyncNeeded as exc:
+                reason = str(exc)
+            else:
+                self._apply(obs, touched)
+                self.publish()
+                return
+        await self.full_resync(reason)
 
     def _read_baseline(self, obs: Observation | None = None) -> None:
         """Load the accepted baseline (record one from ``obs`` when there is none yet)."""
