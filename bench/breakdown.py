@@ -100,10 +100,10 @@ def _fast_paths() -> Iterator[None]:
 
 async def breakdown(sandbox: Sandbox) -> list[Stage]:
     """Time every stage of a full resync against this sandbox's manager."""
-    from provenanced.audit import audit, definition_hash
-    from provenanced.expect import homemanager
+    from provenanced.core.audit import audit, definition_hash
+    from provenanced.daemon.observer import Observer, scan_files, user_dirs
+    from provenanced.expect import generation
     from provenanced.model import frozen_map
-    from provenanced.observe import Observer, scan_files, user_dirs
     from provenanced.systemd import manager
     from provenanced.systemd.bus import ManagerConnection, resolve_address
 
@@ -122,7 +122,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         stages.append(Stage("  UnitPath (1 D-Bus Get)", unit_dirs_s))
         home = env["HOME"]
         gen_s, gen = await _timed(
-            _sync(lambda: homemanager.read_generation(home, unit_dirs, observer.facts))
+            _sync(lambda: generation.read_generation(home, unit_dirs, observer.facts))
         )
         stages.append(Stage("  Home Manager links (read_generation)", gen_s, len(gen.links)))
         scan_s, scanned = await _timed(_sync(lambda: scan_files(unit_dirs)))
@@ -279,7 +279,7 @@ def _fact_prototypes(paths: list[str], obs: Any) -> list[Stage]:
 def _audit_prototypes(
     obs: Any, exp: Any, full: float, frozen_map: Callable[..., Any]
 ) -> list[Stage]:
-    from provenanced.audit import audit
+    from provenanced.core.audit import audit
 
     stages = []
     # The audit of one unit's files: what a change would cost with an incremental audit.

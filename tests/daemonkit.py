@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import wait_until
 from provenanced.config import Settings
-from provenanced.daemon import Daemon
-from provenanced.engine import Engine
+from provenanced.daemon.engine import Engine
+from provenanced.daemon.service import Daemon
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from provenanced import __version__
-from provenanced.audit import audit
 from provenanced.config import Settings, load_settings
-from provenanced.describe import describe
+from provenanced.core.audit import audit
+from provenanced.core.provenance import provenance_of
+from provenanced.core.vouching import expectations
+from provenanced.daemon.observer import Observer, baseline_facts, matches, user_dirs
 from provenanced.errors import ProvenancedError, UsageError
 from provenanced.expect import baseline
 from provenanced.model import Finding
-from provenanced.observe import Observer, baseline_facts, matches, user_dirs
 from provenanced.systemd.bus import ManagerConnection, resolve_address
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
@@ -79,7 +80,7 @@ async def _audit(args: argparse.Namespace) -> int:
         )
     findings = [
         f
-        for f in audit(obs, observer.expectations(generation, accepted))
+        for f in audit(obs, expectations(settings.provenance.managed_roots, generation, accepted))
         if matches(f.unit, args.patterns)
     ]
     units = sum(1 for name in obs.units if matches(name, args.patterns))
@@ -113,8 +114,8 @@ async def _show(args: argparse.Namespace) -> int:
     finally:
         await conn.close()
     accepted = baseline.load_baseline(settings.resolved_state_dir(os.environ))
-    exp = observer.expectations(generation, accepted)
-    shown = [describe(obs.units[name], obs, exp) for name in args.units if name in obs.units]
+    exp = expectations(settings.provenance.managed_roots, generation, accepted or {})
+    shown = [provenance_of(obs.units[name], obs, exp) for name in args.units if name in obs.units]
     if args.json:
         print(json.dumps([u.to_json() for u in shown], indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -156,7 +157,7 @@ async def _baseline_accept(args: argparse.Namespace) -> int:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from provenanced.daemon import serve
+    from provenanced.daemon.service import serve
     from provenanced.logging import configure_logging
 
     settings = _settings(args)
@@ -166,7 +167,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 async def _restart(args: argparse.Namespace) -> int:
-    from provenanced.verify import restart_and_verify
+    from provenanced.commands.restart import restart_and_verify
 
     if not args.verify:
         raise UsageError("restart needs --verify (plain restarts are systemctl's job)")
@@ -187,7 +188,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _install(args: argparse.Namespace) -> int:
-    from provenanced.install import install
+    from provenanced.commands.install import install
 
     settings = _settings(args)
     conn = await _connect(settings)
@@ -206,7 +207,7 @@ async def _install(args: argparse.Namespace) -> int:
 
 
 async def _uninstall(args: argparse.Namespace) -> int:
-    from provenanced.install import uninstall
+    from provenanced.commands.install import uninstall
 
     settings = _settings(args)
     conn = await _connect(settings)
@@ -219,7 +220,7 @@ async def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from provenanced.demo import run_demo
+    from provenanced.commands.demo import run_demo
 
     return run_demo(scenario=args.scenario, listen=args.listen)
 

@@ -173,6 +173,16 @@ class Expectations:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeManagerGeneration:
+    """Home Manager's current generation and the links it places under the unit directories."""
+
+    path: str | None = None
+    home_files: str | None = None
+    links: Mapping[str, ExpectedLink] = field(default_factory=frozen_map)
+    unit_dirs: tuple[str, ...] = ()  # the directories its links were listed for
+
+
+@dataclass(frozen=True, slots=True)
 class Observation:
     """One consistent look at the manager and the files behind its units."""
 
@@ -182,6 +192,20 @@ class Observation:
     uid: int
     scanned_files: frozenset[str] = frozenset()
     loaded_hashes: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceResult:
+    """What a unit says about its last run: the facts a job verification needs."""
+
+    invocation_id: str
+    result: str
+    exec_main_code: int
+    exec_main_status: int
+    condition_result: bool
+    assert_result: bool
+    active_state: str
+    sub_state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +252,7 @@ class DaemonStatus:
     manager_connected: bool = False
     transport: str = ""
     ready: bool = False
-    stale: bool = False
+    behind: bool = False  # a re-read failed or the manager is gone: the findings may be out of date
     degraded: bool = False
     inotify_watches: int = 0
     last_full_resync: float = 0.0

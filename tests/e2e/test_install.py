@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import wait_until
-from provenanced import install
+from provenanced.commands import install
 from provenanced.sandbox import Journald, Sandbox
 from provenanced.sinks.journal import DRIFT_DETECTED
 

@@ -198,11 +198,12 @@ class TestHostileNames:
         """Escaped and instance names were read over the bus (a wrong object path reads nothing)."""
         await eventually(
             lambda: (
-                running.engine.tracker.obs is not None
-                and {_ESCAPED, "tpl@in\\x2dstance.service"} <= set(running.engine.tracker.obs.units)
+                running.engine.state.observation is not None
+                and {_ESCAPED, "tpl@in\\x2dstance.service"}
+                <= set(running.engine.state.observation.units)
             )
         )
-        obs = running.engine.tracker.obs
+        obs = running.engine.state.observation
         assert obs is not None
         assert obs.units[_ESCAPED].load_state == "loaded"
         assert obs.units[_ESCAPED].dropin_paths[-1].endswith("/10-extra.conf")

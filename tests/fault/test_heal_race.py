@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemonkit import WAIT, eventually, start_daemon, tmpfs_over
-from provenanced.actions import Healer
+from provenanced.daemon.actions import Healer
 from provenanced.fs.facts import FactReader
 from provenanced.model import ExpectedLink, Finding, FindingKind, Tier, UnitDir
 from provenanced.sandbox import Sandbox

@@ -16,8 +16,8 @@ import pytest
 
 from daemonkit import eventually, http_get, start_daemon, unit_file
 from helpers import parse_python
-from provenanced.actions import Healer
 from provenanced.config import Settings
+from provenanced.daemon.actions import Healer
 from provenanced.fs.facts import FactReader
 from provenanced.model import DaemonStatus, ExpectedLink, Finding, FindingKind, Tier, UnitDir
 from provenanced.sandbox import Sandbox

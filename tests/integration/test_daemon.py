@@ -87,8 +87,8 @@ class TestLinkedUnitDirectory:
             sandbox.systemctl("start", "linked.service")  # loaded, so a retarget makes it stale
             await eventually(
                 lambda: (
-                    running.engine.tracker.obs is not None
-                    and "linked.service" in running.engine.tracker.obs.units
+                    running.engine.state.observation is not None
+                    and "linked.service" in running.engine.state.observation.units
                 )
             )
             assert running.findings() == set()
@@ -138,8 +138,8 @@ class TestReload:
                 # Every state the daemon publishes must still know the unit.
                 publish()
                 if (
-                    engine.tracker.obs is not None
-                    and "backup.service" not in engine.tracker.obs.units
+                    engine.state.observation is not None
+                    and "backup.service" not in engine.state.observation.units
                 ):
                     dropped.append(engine.resyncs)
 

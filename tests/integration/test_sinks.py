@@ -805,7 +805,7 @@ class TestJournalLogging:
         """With format journal, an event's keys arrive as uppercase journal fields."""
         marker = uuid.uuid4().hex
         assert configure_logging("info", "journal") == "journal"
-        log = structlog.get_logger("provenanced.engine")
+        log = structlog.get_logger("provenanced.daemon.engine")
         log.warning("drift.detected", unit="a.service", marker=marker)
         (entry,) = _wait_for_entries(f"MARKER={marker}")
         assert entry["MESSAGE"] == "drift.detected"

@@ -13,8 +13,9 @@ from dbus_fast import Message, MessageType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provenanced.audit import audit, definition_hash
-from provenanced.incremental import IncrementalAudit
+from provenanced.core.audit import audit, definition_hash
+from provenanced.core.incremental import IncrementalAudit
+from provenanced.core.unitpath import AUDITED_TIERS, locate
 from provenanced.model import (
     BaselineEntry,
     Expectations,
@@ -48,7 +49,6 @@ from provenanced.systemd.names import (
     unit_object_path,
     unit_suffix,
 )
-from provenanced.unitpath import AUDITED_TIERS, locate
 
 # --- unit names ------------------------------------------------------------------------------
 

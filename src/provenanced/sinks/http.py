@@ -312,7 +312,7 @@ def _findings(status: DaemonStatus) -> _Response:
     document = {
         "units": status.units_audited,
         "findings": [finding.to_json() for finding in status.findings],
-        "stale": status.stale,
+        "stale": status.behind,
     }
     # ensure_ascii keeps undecodable path bytes (surrogates) encodable as \\u escapes.
     body = json.dumps(document, ensure_ascii=True).encode("ascii")

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
 from provenanced import __version__
 from provenanced.model import DaemonStatus, Finding, FindingKind, Transition
+from provenanced.sinks.journal import AlertResult
 
 KINDS: Final[tuple[str, ...]] = tuple(kind.value for kind in FindingKind)
 # The LoadState values systemd documents; any other value the manager reports is added as seen.
@@ -30,7 +31,6 @@ RESYNC_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ActionResult = Literal["ok", "failed"]
 # A reload may also be held back: a job is queued or a defer_while_active unit is activating.
 ReloadResult = Literal["ok", "failed", "deferred"]
-AlertResult = Literal["ok", "error"]
 ACTION_RESULTS: Final[tuple[ActionResult, ...]] = ("ok", "failed")
 RELOAD_RESULTS: Final[tuple[ReloadResult, ...]] = ("ok", "failed", "deferred")
 ALERT_RESULTS: Final[tuple[AlertResult, ...]] = ("ok", "error")
@@ -221,7 +221,7 @@ class StatusCollector:
         yield _flag(
             "provenanced_stale",
             "1 when the published findings may be out of date (manager lost, resync pending).",
-            status.stale,
+            status.behind,
         )
         yield _flag(
             "provenanced_degraded",

@@ -10,7 +10,7 @@ from typing import Any
 from dbus_fast import Message
 
 from provenanced.errors import ManagerCallError
-from provenanced.model import UnitRecord
+from provenanced.model import ServiceResult, UnitRecord
 from provenanced.systemd.bus import MANAGER_IFACE, PROPERTIES_IFACE, ManagerConnection
 from provenanced.systemd.events import (
     JobNew,
@@ -93,20 +93,6 @@ class JobSummary:
     state: str
     job_path: str
     unit_path: str
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceResult:
-    """What a unit says about its last run: the facts a job verification needs."""
-
-    invocation_id: str
-    result: str
-    exec_main_code: int
-    exec_main_status: int
-    condition_result: bool
-    assert_result: bool
-    active_state: str
-    sub_state: str
 
 
 async def list_units(conn: ManagerConnection) -> list[UnitSummary]:

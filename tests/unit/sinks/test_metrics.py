@@ -167,7 +167,7 @@ class TestStatusCollector:
         [
             ("manager_connected", "provenanced_manager_connected"),
             ("ready", "provenanced_ready"),
-            ("stale", "provenanced_stale"),
+            ("behind", "provenanced_stale"),
             ("degraded", "provenanced_degraded"),
         ],
     )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from provenanced.actions import Healer, ReloadGate
 from provenanced.config import PolicySettings
+from provenanced.daemon.actions import ReloadGate
+from provenanced.daemon.heal import Healer
 from provenanced.fs.facts import FactReader
 from provenanced.model import ExpectedLink, Finding, FindingKind, Tier, UnitDir
 

@@ -6,6 +6,15 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from provenanced.core.unitpath import AUDITED_TIERS, USER_TIERS, Location, locate
+from provenanced.core.vouching import (
+    home_manager_files_dir,
+    in_linked_managed_dir,
+    is_under,
+    matches_expected,
+    same_as_baseline,
+    through_expected_dir,
+)
 from provenanced.model import (
     BaselineEntry,
     Expectations,
@@ -15,12 +24,10 @@ from provenanced.model import (
     Finding,
     FindingKind,
     Observation,
-    Owner,
     Severity,
     UnitDir,
     UnitRecord,
 )
-from provenanced.unitpath import AUDITED_TIERS, USER_TIERS, Location, locate
 
 K = FindingKind
 
@@ -47,7 +54,7 @@ _SUBSUMES: Mapping[FindingKind, frozenset[FindingKind]] = {
     K.SHADOWED: frozenset({K.UNMANAGED_UNIT}),
 }
 
-_HM_FILES_SUFFIX = "-home-manager-files"
+
 _LOAD_ERRORS = frozenset({"error", "bad-setting"})
 
 
@@ -58,24 +65,6 @@ def _finding(kind: FindingKind, unit: str, path: str, detail: str) -> Finding:
     return Finding(kind, unit, path, severity, detail)
 
 
-def is_under(path: str | None, roots: Iterable[str]) -> bool:
-    """Whether a resolved path lies inside one of the roots."""
-    if not path:
-        return False
-    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
-
-
-def home_manager_files_dir(target: str | None) -> str | None:
-    """The ``…-home-manager-files`` store directory a link target points into, if any."""
-    if not target:
-        return None
-    parts = target.split("/")
-    for index, part in enumerate(parts):
-        if part.endswith(_HM_FILES_SUFFIX):
-            return "/".join(parts[: index + 1])
-    return None
-
-
 def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
     """A hash of what defines a unit: each fragment/drop-in path with its content hash."""
     digest = hashlib.sha256()
@@ -83,22 +72,6 @@ def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
         fact = facts.get(path)
         digest.update(f"{path}\0{fact.sha256 if fact else ''}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class _Context:
-    """One observation seen through a judge."""
-
-    obs: Observation
-    exp: Expectations
-    dirs: Mapping[str, UnitDir]
-    expected_units: frozenset[str]
-
-    def fact(self, path: str) -> FileFact:
-        return self.obs.facts.get(path) or FileFact(path, FileKind.MISSING)
-
-    def locate(self, path: str) -> Location | None:
-        return locate(path, self.dirs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,71 +115,20 @@ class Judge:
 
     def path(self, obs: Observation, path: str, unit_hint: str | None) -> Iterator[Finding]:
         """Findings about one file (``unit_hint``: the loaded unit that owns it, if any)."""
-        return _check_path(self._context(obs), path, unit_hint)
+        return _check_path(self, obs, path, unit_hint)
 
     def unit(self, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
         """Findings about one loaded unit as a whole."""
-        return _check_unit(self._context(obs), unit, self.fragments)
+        return _check_unit(self, obs, unit)
 
-    def _context(self, obs: Observation) -> _Context:
-        return _Context(obs, self.exp, self.dirs, self.expected_units)
+    def locate(self, path: str) -> Location | None:
+        """The unit directory ``path`` lives in, and the unit it belongs to."""
+        return locate(path, self.dirs)
 
-
-def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = False) -> Owner:
-    """Who vouches for a file being what it is now (``NONE`` when nobody does)."""
-    if tier_is_system:
-        return Owner.SYSTEM
-    expected = exp.home_manager_links.get(path)
-    if expected is not None and (
-        (fact.kind is FileKind.SYMLINK and _matches(fact, expected))
-        or _through_expected_dir(fact, expected)
-    ):
-        return Owner.HOME_MANAGER
-    if (
-        fact.kind is FileKind.SYMLINK
-        and not fact.dangling
-        and is_under(fact.resolved, exp.managed_roots)
-    ):
-        hm_dir = home_manager_files_dir(fact.target)
-        if hm_dir is None or hm_dir == exp.home_manager_files:
-            return Owner.MANAGED_ROOT
-    if _in_linked_managed_dir(fact, exp):
-        return Owner.MANAGED_ROOT
-    base = exp.baseline.get(path)
-    if base is not None and _same_as_baseline(fact, base):
-        return Owner.BASELINE
-    return Owner.NONE
-
-
-def _through_expected_dir(fact: FileFact, expected: ExpectedLink) -> bool:
-    # Home Manager linked the whole directory (``recursive = false``): the file is its file.
-    return (
-        fact.kind is FileKind.FILE
-        and fact.real_path is not None
-        and fact.real_path == expected.resolved
-    )
-
-
-def _in_linked_managed_dir(fact: FileFact, exp: Expectations) -> bool:
-    # A file in a directory that is a link into a managed root (the store): managed as a whole.
-    return fact.kind is FileKind.FILE and is_under(fact.real_path, exp.managed_roots)
-
-
-def _matches(fact: FileFact, expected: ExpectedLink) -> bool:
-    # A link through an older generation's files resolves to the same store file but is orphaned.
-    return fact.target == expected.target or (
-        home_manager_files_dir(fact.target) is None
-        and fact.resolved is not None
-        and fact.resolved == expected.resolved
-    )
-
-
-def _same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
-    if fact.kind is not base.kind:
-        return False
-    if fact.kind is FileKind.SYMLINK:
-        return fact.target == base.target
-    return fact.sha256 == base.sha256
+    @staticmethod
+    def fact(obs: Observation, path: str) -> FileFact:
+        """What ``obs`` knows of ``path``; a path it never read is missing."""
+        return obs.facts.get(path) or FileFact(path, FileKind.MISSING)
 
 
 def _dangling_detail(fact: FileFact) -> str:
@@ -220,8 +142,8 @@ def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
 
 
-def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
-    expected = ctx.exp.home_manager_links.get(path)
+def _check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
+    expected = judge.exp.home_manager_links.get(path)
     if expected is not None:
         yield _finding(
             K.MANAGED_MISSING,
@@ -230,11 +152,11 @@ def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
             f"Home Manager's current generation links this path to {expected.target}; it is absent",
         )
         return
-    base = ctx.exp.baseline.get(path)
+    base = judge.exp.baseline.get(path)
     if (
         base is not None
         and base.kind is FileKind.SYMLINK
-        and is_under(base.resolved, ctx.exp.managed_roots)
+        and is_under(base.resolved, judge.exp.managed_roots)
     ):
         yield _finding(
             K.MANAGED_MISSING,
@@ -245,18 +167,18 @@ def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
 
 
 def _check_owner_and_mode(
-    ctx: _Context, loc: Location, path: str, fact: FileFact
+    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
 ) -> Iterator[Finding]:
     unit = loc.unit
-    if _in_linked_managed_dir(fact, ctx.exp):
+    if in_linked_managed_dir(fact, judge.exp):
         return  # a read-only store file, root-owned by design: nobody rewrites it in place
-    if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != ctx.obs.uid:
+    if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != obs.uid:
         what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
         yield _finding(
             K.FOREIGN_OWNER,
             unit,
             path,
-            f"{what} is owned by uid {fact.uid}, not by the manager's user (uid {ctx.obs.uid})",
+            f"{what} is owned by uid {fact.uid}, not by the manager's user (uid {obs.uid})",
         )
     # /dev/null is world-writable by design; a mask link is judged as masked, not by mode.
     if (
@@ -276,13 +198,13 @@ def _check_owner_and_mode(
 
 
 def _check_expected(
-    ctx: _Context, unit: str, path: str, fact: FileFact, expected: ExpectedLink
+    judge: Judge, obs: Observation, unit: str, path: str, fact: FileFact, expected: ExpectedLink
 ) -> Iterator[Finding]:
     if fact.masked:
         yield _finding(
             K.MASKED, unit, path, "masked here, but Home Manager's current generation provides it"
         )
-    elif _through_expected_dir(fact, expected):
+    elif through_expected_dir(fact, expected):
         return  # Home Manager linked the whole directory, and this is the file it holds
     elif fact.kind is FileKind.FILE:
         state = "latent" if fact.sha256 and fact.sha256 == expected.sha256 else "divergent"
@@ -297,16 +219,16 @@ def _check_expected(
     elif fact.kind is FileKind.SYMLINK:
         if fact.dangling:
             yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
-        elif _matches(fact, expected):
+        elif matches_expected(fact, expected):
             return
         elif (
             hm_dir := home_manager_files_dir(fact.target)
-        ) and hm_dir != ctx.exp.home_manager_files:
+        ) and hm_dir != judge.exp.home_manager_files:
             yield _finding(
                 K.ORPHAN_LINK,
                 unit,
                 path,
-                f"points into {hm_dir}, not the current generation's {ctx.exp.home_manager_files}",
+                f"points into {hm_dir}, not the current generation's {judge.exp.home_manager_files}",
             )
         else:
             yield _finding(
@@ -328,28 +250,30 @@ def _unmanaged_kind(loc: Location) -> FindingKind:
     return K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT
 
 
-def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -> Iterator[Finding]:
+def _check_unexpected(
+    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
+) -> Iterator[Finding]:
     unit = loc.unit
-    base = ctx.exp.baseline.get(path)
+    base = judge.exp.baseline.get(path)
     # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
     if (
         fact.masked
         and not loc.is_dropin
-        and (unit in ctx.expected_units or (base is not None and not _base_masked(base)))
+        and (unit in judge.expected_units or (base is not None and not _base_masked(base)))
     ):
         yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
         return
     if fact.kind is FileKind.SYMLINK:
-        yield from _check_unexpected_link(ctx, loc, path, fact, base)
-    elif (base is not None and _same_as_baseline(fact, base)) or _in_linked_managed_dir(
-        fact, ctx.exp
+        yield from _check_unexpected_link(judge, obs, loc, path, fact, base)
+    elif (base is not None and same_as_baseline(fact, base)) or in_linked_managed_dir(
+        fact, judge.exp
     ):
         return
     elif fact.kind is FileKind.FILE:
         if (
             base is not None
             and base.kind is FileKind.SYMLINK
-            and is_under(base.resolved, ctx.exp.managed_roots)
+            and is_under(base.resolved, judge.exp.managed_roots)
         ):
             state = "latent" if fact.sha256 and fact.sha256 == base.sha256 else "divergent"
             yield _finding(
@@ -380,16 +304,21 @@ def _base_masked(base: BaselineEntry) -> bool:
 
 
 def _check_unexpected_link(
-    ctx: _Context, loc: Location, path: str, fact: FileFact, base: BaselineEntry | None
+    judge: Judge,
+    obs: Observation,
+    loc: Location,
+    path: str,
+    fact: FileFact,
+    base: BaselineEntry | None,
 ) -> Iterator[Finding]:
     unit = loc.unit
-    vouched = base is not None and _same_as_baseline(fact, base)
+    vouched = base is not None and same_as_baseline(fact, base)
     if fact.dangling and not vouched:
         yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
         return
     hm_dir = home_manager_files_dir(fact.target)
-    if hm_dir is not None and hm_dir != ctx.exp.home_manager_files:
-        current = ctx.exp.home_manager_files or "no current generation"
+    if hm_dir is not None and hm_dir != judge.exp.home_manager_files:
+        current = judge.exp.home_manager_files or "no current generation"
         yield _finding(
             K.ORPHAN_LINK,
             unit,
@@ -397,7 +326,7 @@ def _check_unexpected_link(
             f"points into {hm_dir}, which is not the current Home Manager generation ({current})",
         )
         return
-    if vouched or fact.dangling or is_under(fact.resolved, ctx.exp.managed_roots):
+    if vouched or fact.dangling or is_under(fact.resolved, judge.exp.managed_roots):
         return
     if base is not None and base.kind is FileKind.SYMLINK:
         yield _finding(
@@ -415,14 +344,16 @@ def _check_unexpected_link(
     )
 
 
-def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Finding]:
-    loc = ctx.locate(path)
+def _check_path(
+    judge: Judge, obs: Observation, path: str, unit_hint: str | None
+) -> Iterator[Finding]:
+    loc = judge.locate(path)
     if loc is None or loc.unit_dir.tier not in AUDITED_TIERS:
         return
     unit = unit_hint or loc.unit
-    fact = ctx.fact(path)
+    fact = judge.fact(obs, path)
     if fact.kind is FileKind.MISSING:
-        missing = tuple(_check_missing(ctx, path, unit))
+        missing = tuple(_check_missing(judge, obs, path, unit))
         if not missing and fact.error:
             # lstat itself failed (a parent we may not search): nothing can vouch for this path.
             yield _finding(
@@ -433,17 +364,15 @@ def _check_path(ctx: _Context, path: str, unit_hint: str | None) -> Iterator[Fin
             )
         yield from missing
         return
-    yield from _check_owner_and_mode(ctx, loc, path, fact)
-    expected = ctx.exp.home_manager_links.get(path)
+    yield from _check_owner_and_mode(judge, obs, loc, path, fact)
+    expected = judge.exp.home_manager_links.get(path)
     if expected is not None:
-        yield from _check_expected(ctx, unit, path, fact, expected)
+        yield from _check_expected(judge, obs, unit, path, fact, expected)
     elif fact.kind is not FileKind.DIRECTORY:
-        yield from _check_unexpected(ctx, loc, path, fact)
+        yield from _check_unexpected(judge, obs, loc, path, fact)
 
 
-def _check_unit(
-    ctx: _Context, unit: UnitRecord, fragments: Mapping[str, tuple[str, ...]]
-) -> Iterator[Finding]:
+def _check_unit(judge: Judge, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
     name, fragment = unit.name, unit.fragment_path
     if unit.need_daemon_reload:
         yield _finding(
@@ -453,9 +382,9 @@ def _check_unit(
             "NeedDaemonReload=yes: the files on disk changed since the manager loaded this unit",
         )
     elif (
-        ctx.obs.loaded_hashes is not None
-        and name in ctx.obs.loaded_hashes
-        and definition_hash(unit, ctx.obs.facts) != ctx.obs.loaded_hashes[name]
+        obs.loaded_hashes is not None
+        and name in obs.loaded_hashes
+        and definition_hash(unit, obs.facts) != obs.loaded_hashes[name]
     ):
         yield _finding(
             K.STALE_LOAD,
@@ -464,29 +393,29 @@ def _check_unit(
             "the definition on disk differs from the one loaded at the last reload "
             "(systemd's mtime check does not see it)",
         )
-    expected_paths = fragments.get(name, ())
+    expected_paths = judge.fragments.get(name, ())
     if unit.load_state in _LOAD_ERRORS or (
-        unit.load_state == "not-found" and name in ctx.expected_units
+        unit.load_state == "not-found" and name in judge.expected_units
     ):
         where = fragment or (expected_paths[0] if expected_paths else "")
         yield _finding(
             K.LOAD_ERROR, name, where, f"LoadState={unit.load_state}: the manager could not load it"
         )
-    if unit.load_state == "masked" and name in ctx.expected_units:
+    if unit.load_state == "masked" and name in judge.expected_units:
         yield _finding(
             K.MASKED, name, fragment, "the unit is masked while Home Manager provides it"
         )
     if fragment and expected_paths and fragment not in expected_paths:
-        yield from _check_shadowed(ctx, unit, expected_paths)
+        yield from _check_shadowed(judge, obs, unit, expected_paths)
 
 
 def _check_shadowed(
-    ctx: _Context, unit: UnitRecord, expected_paths: tuple[str, ...]
+    judge: Judge, obs: Observation, unit: UnitRecord, expected_paths: tuple[str, ...]
 ) -> Iterator[Finding]:
-    here = ctx.locate(unit.fragment_path)
+    here = judge.locate(unit.fragment_path)
     for path in expected_paths:
-        there = ctx.locate(path)
-        present = ctx.fact(path).kind is not FileKind.MISSING
+        there = judge.locate(path)
+        present = judge.fact(obs, path).kind is not FileKind.MISSING
         if (
             present
             and here is not None

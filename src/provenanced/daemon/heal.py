@@ -1,73 +1,23 @@
-"""What the daemon does about drift: reload the manager when allowed, heal links when opted in."""
+"""Heal: put Home Manager's expected link back, after moving whatever was there into quarantine."""
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 import posixpath
 import secrets
 import stat
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from provenanced.config import HEALABLE, PolicySettings
+from provenanced.core.unitpath import USER_TIERS, locate
 from provenanced.fs import atomic
 from provenanced.fs.facts import FactReader
 from provenanced.model import ExpectedLink, FileFact, FileKind, Finding, UnitDir
-from provenanced.systemd import manager
-from provenanced.systemd.bus import ManagerConnection
-from provenanced.unitpath import USER_TIERS, locate
-
-_HOUR = 3600.0
-
-
-class ReloadGate:
-    """Decides whether an automatic reload may happen now: budget per hour, nothing busy."""
-
-    def __init__(self, policy: PolicySettings, history: Iterable[float] = ()) -> None:
-        self.policy = policy
-        self.history: deque[float] = deque(history)
-
-    def within_budget(self, now: float) -> bool:
-        """Fewer than ``max_reloads_per_hour`` reloads in the last hour."""
-        while self.history and now - self.history[0] >= _HOUR:
-            self.history.popleft()
-        return len(self.history) < self.policy.max_reloads_per_hour
-
-    async def may_reload(self, conn: ManagerConnection, now: float) -> bool:
-        """Within budget, no job queued, and no unit matching ``defer_while_active`` activating."""
-        if not self.within_budget(now):
-            return False
-        if await manager.list_jobs(conn):
-            return False
-        patterns = self.policy.defer_while_active
-        if patterns:
-            for unit in await manager.list_units(conn):
-                if unit.active_state == "activating" and any(
-                    fnmatch.fnmatchcase(unit.name, p) for p in patterns
-                ):
-                    return False
-        return True
-
-    def record(self, now: float) -> None:
-        """Count one reload against the budget."""
-        self.history.append(now)
-
-
-async def reload_manager(conn: ManagerConnection, units: Iterable[str]) -> tuple[bool, str]:
-    """Reload the manager, then check that NeedDaemonReload cleared for the units that needed it."""
-    names = sorted(set(units))
-    await manager.reload(conn)
-    records = await manager.get_unit_records(conn, names)
-    still = sorted(name for name, record in records.items() if record.need_daemon_reload)
-    if still:
-        return False, f"NeedDaemonReload is still yes after the reload for: {', '.join(still)}"
-    return True, f"reloaded; {len(names)} stale unit(s) now current: {', '.join(names)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import chain
 
-from provenanced.audit import Judge, drop_subsumed
+from provenanced.core.audit import Judge, drop_subsumed
+from provenanced.core.unitpath import locate
 from provenanced.model import Expectations, Finding, Observation, UnitRecord
-from provenanced.unitpath import locate
 
 
 class IncrementalAudit:
@@ -18,7 +18,7 @@ class IncrementalAudit:
     """
 
     def __init__(self, obs: Observation, exp: Expectations) -> None:
-        self.judge = Judge.build(exp, obs.unit_dirs)
+        self._judge = Judge.build(exp, obs.unit_dirs)
         self._defined_by: dict[str, set[str]] = {}  # definition path → the loaded units it defines
         self._paths_of: dict[str, tuple[str, ...]] = {}  # loaded unit → its definition paths
         self._by_path: dict[str, tuple[Finding, ...]] = {}
@@ -32,7 +32,7 @@ class IncrementalAudit:
 
     def fits(self, obs: Observation, exp: Expectations) -> bool:
         """Whether this audit can follow ``obs`` by updates (same expectations and directories)."""
-        return exp is self.judge.exp and obs.unit_dirs == self.judge.unit_dirs
+        return exp is self._judge.exp and obs.unit_dirs == self._judge.unit_dirs
 
     def update(
         self, obs: Observation, paths: Iterable[str], units: Iterable[str]
@@ -58,7 +58,7 @@ class IncrementalAudit:
         for path in paths:
             # A unit's hash covers its definition files; its shadow check, the managed fragment.
             touched_units.update(self._defined_by.get(path, ()))
-            loc = locate(path, self.judge.dirs)
+            loc = locate(path, self._judge.dirs)
             if loc is not None:
                 touched_units.add(loc.unit)
         self._judge_paths(obs, touched_paths)
@@ -76,14 +76,14 @@ class IncrementalAudit:
         for path in paths:
             owners = self._defined_by.get(path)
             found: tuple[Finding, ...] = ()
-            if owners or self.judge.is_audited(obs, path):
-                found = tuple(self.judge.path(obs, path, min(owners) if owners else None))
+            if owners or self._judge.is_audited(obs, path):
+                found = tuple(self._judge.path(obs, path, min(owners) if owners else None))
             _store(self._by_path, path, found)
 
     def _judge_units(self, obs: Observation, names: Iterable[str]) -> None:
         for name in names:
             record = obs.units.get(name)
-            _store(self._by_unit, name, tuple(self.judge.unit(obs, record)) if record else ())
+            _store(self._by_unit, name, tuple(self._judge.unit(obs, record)) if record else ())
 
     def _merge(self) -> tuple[Finding, ...]:
         return drop_subsumed(

@@ -1,4 +1,4 @@
-"""Wire the daemon together: engine, telemetry, journald, HTTP, signals, socket activation."""
+"""The process around the engine: telemetry, journald, HTTP, sd_notify, signals, config reload."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ import structlog
 from systemd import daemon as sd_daemon
 
 from provenanced.config import Settings, load_settings
-from provenanced.engine import Engine
+from provenanced.daemon import notify
+from provenanced.daemon.engine import Engine
 from provenanced.model import DaemonStatus
 from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 
 log = structlog.get_logger("provenanced.daemon")
+
+# Sections whose change needs a restart: they shape connections and sockets made at start.
+_RESTART_SECTIONS = ("state_dir", "manager", "metrics", "log")
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to end it when ``stop`` is set."""
 
 
 def _tls(settings: Settings) -> TlsFiles | None:
@@ -42,14 +50,9 @@ class Daemon:
         self._status: Callable[[], DaemonStatus] = DaemonStatus
         self.telemetry = Telemetry(lambda: self._status())
         self.journal = JournalSink(on_result=self.telemetry.record_alert)
-        self.engine = Engine(
-            settings,
-            self.telemetry,
-            self.journal,
-            self.env,
-            load_settings=lambda: load_settings(config_path),
-        )
+        self.engine = Engine(settings, self.telemetry, self.journal, self.env)
         self._status = lambda: self.engine.status
+        self._config_path = config_path
         self.http: HttpServer | None = None
 
     def start_http(self) -> HttpServer:
@@ -66,18 +69,57 @@ class Daemon:
         return self.http
 
     async def run(self, stop: asyncio.Event, reload_config: asyncio.Event | None = None) -> None:
-        """Serve until ``stop`` is set."""
+        """Serve until ``stop`` is set; SIGHUP (``reload_config``) re-reads the configuration."""
         if self.http is None:
             self.start_http()
         try:
-            await self.engine.run(stop, reload_config)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.engine.run(stop), name="engine")
+                tg.create_task(self._announce_ready(), name="notify.ready")
+                tg.create_task(
+                    self.reload_config_on_signal(reload_config or asyncio.Event()),
+                    name="config.reload",
+                )
+                interval = notify.watchdog_interval(self.env)
+                if interval:
+                    tg.create_task(notify.keep_watchdog_fed(interval), name="notify.watchdog")
+                await stop.wait()
+                raise _Shutdown
+        except* _Shutdown:
+            pass
         finally:
+            notify.stopping()
             assert self.http is not None
             self.http.stop()
 
+    async def _announce_ready(self) -> None:
+        await self.engine.ready.wait()
+        notify.ready(f"watching {self.engine.status.units_audited} units")
+
+    async def reload_config_on_signal(self, requested: asyncio.Event) -> None:
+        """SIGHUP: re-read the configuration; a broken one is logged and the old one stays."""
+        while True:
+            await requested.wait()
+            requested.clear()
+            notify.reloading()
+            try:
+                settings = load_settings(self._config_path)
+            except Exception as exc:
+                log.error("config.reload_failed", error=str(exc))
+            else:
+                current = self.engine.settings
+                pending = [
+                    s for s in _RESTART_SECTIONS if getattr(settings, s) != getattr(current, s)
+                ]
+                self.engine.follow_settings(settings)
+                if pending:
+                    log.warning("config.restart_needed", sections=pending)
+                log.info("config.reloaded")
+            notify.notify("READY=1", "STATUS=configuration reloaded")
+
 
 async def serve(settings: Settings, config_path: Path | None) -> None:
-    """The ``provenanced run`` entry: signals set events, the engine does the rest."""
+    """The ``provenanced run`` entry: signals set events, the daemon does the rest."""
     daemon = Daemon(settings, config_path)
     daemon.start_http()
     stop, hup = asyncio.Event(), asyncio.Event()

@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from provenanced.audit import audit, definition_hash, home_manager_files_dir, vouch
-from provenanced.describe import describe
+from provenanced.core.audit import audit, definition_hash
+from provenanced.core.provenance import provenance_of
+from provenanced.core.vouching import home_manager_files_dir, vouch
 from provenanced.model import (
     BaselineEntry,
     Expectations,
@@ -430,7 +431,7 @@ class TestDescribe:
         vendor = f"{VENDOR}/web.service.d/vendor.conf"
         unit = replace(WEB_UNIT, dropin_paths=(DROPIN, vendor))
         obs = observe({vendor: regular(vendor, uid=0)}, [unit])
-        shown = describe(unit, obs, EXPECT).to_json()
+        shown = provenance_of(unit, obs, EXPECT).to_json()
         assert shown["fragment"] == {
             "path": WEB,
             "tier": "config",

@@ -1,4 +1,4 @@
-"""Did a job really do what it said? Judge a unit after its job ended, and ``restart --verify``."""
+"""``provenanced restart --verify``: restart a unit, wait for it to settle, and judge the outcome."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from provenanced.core.jobs import unverified_reason
 from provenanced.errors import ManagerCallError, ManagerUnreachableError
-from provenanced.model import Finding, FindingKind
+from provenanced.model import ServiceResult
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection, resolve_address
 from provenanced.systemd.names import unit_object_path
@@ -18,90 +19,7 @@ from provenanced.systemd.names import unit_object_path
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 log = structlog.get_logger("provenanced.verify")
 
-_CLD_EXITED = 1
 _SETTLING = frozenset({"activating", "deactivating", "reloading", "refreshing"})
-_TIMEOUT = "timeout"
-
-
-def judge(
-    result: manager.ServiceResult, job_result: str, before_invocation: str | None = None
-) -> str | None:
-    """Why the unit did not verify after its job, or None when it did."""
-    reason = _unit_reason(result)
-    if job_result != "done":
-        return f"the job ended '{job_result}'" + (f": {reason}" if reason else "")
-    if (
-        reason is None
-        and before_invocation is not None
-        and result.invocation_id == before_invocation
-    ):
-        return "the unit did not run (its InvocationID did not change)"
-    return reason
-
-
-def _unit_reason(result: manager.ServiceResult) -> str | None:
-    if not result.condition_result:
-        return "a start condition failed (ConditionResult=no): the unit did not run"
-    if not result.assert_result:
-        return "a start assertion failed (AssertResult=no)"
-    if result.exec_main_code == _CLD_EXITED and result.exec_main_status != 0:
-        return f"the main process exited with status {result.exec_main_status} (Result={result.result})"
-    if result.result != "success":
-        return f"the unit's Result is '{result.result}'"
-    if result.active_state == "failed":
-        return "the unit is in the failed state"
-    return None
-
-
-class JobTracker:
-    """Open ``job-unverified`` findings: opened by a job that did not verify, closed by one that did."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, Finding] = {}
-        self.queued: set[str] = set()
-
-    def started(self, event: manager.JobNew) -> None:
-        """A job was queued."""
-        self.queued.add(event.job_path)
-
-    def finished(self, event: manager.JobRemoved) -> None:
-        """A job left the queue."""
-        self.queued.discard(event.job_path)
-
-    def judge(self, event: manager.JobRemoved, result: manager.ServiceResult) -> Finding | None:
-        """Open or close the unit's finding; return it when newly opened."""
-        if not result.invocation_id:
-            # The manager already unloaded the unit (GC after its job): its results are gone,
-            # and reading it reloaded a blank copy. Unknown is not "failed".
-            return None
-        # A stop job (or a clean oneshot): nothing claimed to run and fail.
-        if (
-            result.active_state in ("inactive", "deactivating")
-            and result.result == "success"
-            and result.condition_result
-            and result.assert_result
-            and (result.exec_main_status == 0 or result.exec_main_code != _CLD_EXITED)
-        ):
-            self._open.pop(event.unit, None)
-            return None
-        reason = judge(result, event.result)
-        if reason is None:
-            self._open.pop(event.unit, None)
-            return None
-        finding = Finding(
-            FindingKind.JOB_UNVERIFIED,
-            event.unit,
-            "",
-            "critical",
-            f"job {event.job_id} ended 'done' but {reason}",
-        )
-        opened = event.unit not in self._open
-        self._open[event.unit] = finding
-        return finding if opened else None
-
-    def findings(self) -> list[Finding]:
-        """Currently open job-unverified findings."""
-        return list(self._open.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +64,7 @@ async def restart_and_verify(
     finally:
         if pinned is not None:
             await _unpin(pinned, unit)
-    reason = judge(result, job_result, before.invocation_id or None)
+    reason = unverified_reason(result, job_result, before.invocation_id or None)
     if reason is None:
         return Verdict(
             True, f"{unit} restarted and verified (Result={result.result}, {result.active_state})"
@@ -197,7 +115,7 @@ async def _unpin(pinned: ManagerConnection, unit: str) -> None:
         await pinned.close()
 
 
-async def _settled(conn: ManagerConnection, unit: str) -> manager.ServiceResult:
+async def _settled(conn: ManagerConnection, unit: str) -> ServiceResult:
     while True:
         result = await manager.get_service_result(conn, unit)
         if result.active_state not in _SETTLING:

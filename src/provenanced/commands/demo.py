@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provenanced.config import Settings
-from provenanced.daemon import Daemon
+from provenanced.daemon.service import Daemon
 from provenanced.logging import configure_logging
 from provenanced.model import Finding, FindingKind
 from provenanced.sandbox import Generation, Journald, Sandbox, ensure_journald, example_units

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from provenanced.index import PathIndex
+from provenanced.core.index import PathIndex
 from provenanced.model import Tier, UnitDir, UnitRecord
 
 CONFIG = "/h/.config/systemd/user"

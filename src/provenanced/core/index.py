@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from provenanced.core.unitpath import locate
 from provenanced.model import UnitDir, UnitRecord
-from provenanced.unitpath import locate
 
 
 @dataclass(slots=True)

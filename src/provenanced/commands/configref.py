@@ -1,6 +1,6 @@
 """The configuration reference, generated from the Settings model so the docs cannot drift.
 
-``python -m provenanced.configref --write`` regenerates the README table (between its markers)
+``python -m provenanced.commands.configref --write`` regenerates the README table (between its markers)
 and ``config/provenanced.example.toml``; ``--check`` fails when either is out of date.
 """
 
@@ -170,7 +170,7 @@ def render_example(model: type[BaseModel] = Settings) -> str:
         "# `provenanced check-config` prints the effective configuration; after a change,",
         "# `systemctl --user reload provenanced` applies it to the running service.",
         "#",
-        "# Generated from the Settings model by `python -m provenanced.configref --write`.",
+        "# Generated from the Settings model by `python -m provenanced.commands.configref --write`.",
     ]
     for section in sections(model):
         if section.path:
@@ -214,7 +214,9 @@ def write_files(root: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table, or write or check the generated files of a checkout."""
-    parser = argparse.ArgumentParser(prog="python -m provenanced.configref", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m provenanced.commands.configref", description=__doc__
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--write", action="store_true", help="regenerate README.md's table and the example"
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stale = stale_files(args.root)
     for path in stale:
         print(
-            f"configref: {path} is out of date; run python -m provenanced.configref --write",
+            f"configref: {path} is out of date; run python -m provenanced.commands.configref --write",
             file=sys.stderr,
         )
     return 1 if stale else 0

@@ -5,30 +5,19 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from provenanced.fs.facts import FactReader
-from provenanced.model import ExpectedLink, UnitDir
+from provenanced.model import ExpectedLink, HomeManagerGeneration, UnitDir, frozen_map
 
 GCROOT = ".local/state/home-manager/gcroots/current-home"
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """The current Home Manager generation and the links it places under the unit directories."""
-
-    path: str | None
-    home_files: str | None
-    links: dict[str, ExpectedLink]
-    unit_dirs: tuple[str, ...] = ()  # the directories its links were listed for
 
 
 def read_generation(
     home: str,
     unit_dirs: Sequence[UnitDir],
     reader: FactReader,
-    previous: Generation | None = None,
-) -> Generation:
+    previous: HomeManagerGeneration | None = None,
+) -> HomeManagerGeneration:
     """Follow the ``current-home`` gcroot and list what the generation links into unit dirs.
 
     ``previous`` is returned as it is when the gcroot still leads to it: a store path never
@@ -40,7 +29,7 @@ def read_generation(
         # Home Manager links ``$HOME/<rel>`` to ``$(readlink -e <gen>/home-files)/<rel>``.
         home_files = os.path.realpath(posixpath.join(generation, "home-files"), strict=True)
     except OSError:
-        return Generation(None, None, {})
+        return HomeManagerGeneration()
     dirs = tuple(d.path for d in unit_dirs)
     if previous is not None and (previous.path, previous.home_files, previous.unit_dirs) == (
         generation,
@@ -57,7 +46,7 @@ def read_generation(
             path = posixpath.join(home, posixpath.relpath(source, home_files))
             fact = reader.read(source)
             links[path] = ExpectedLink(path, source, fact.resolved or None, fact.sha256)
-    return Generation(generation, home_files, links, dirs)
+    return HomeManagerGeneration(generation, home_files, frozen_map(links), dirs)
 
 
 def _walk_files(root: str) -> Iterable[str]:

@@ -9,10 +9,10 @@ from typing import Literal
 
 import pytest
 
-from provenanced import configref
+from provenanced.commands import configref
 from provenanced.config import Settings, load_settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 _ASSIGNMENT = re.compile(r"^# (?P<name>[a-z_]+) = (?P<value>.*)$")
 
 # A valid, non-default value per key: proves the documented environment variable reaches it.
@@ -63,13 +63,13 @@ class TestCheckout:
         """README's table between the markers equals the generated one."""
         readme = (ROOT / configref.README).read_text()
         assert configref.splice_table(readme, configref.render_table()) == readme, (
-            "README.md's configuration table is stale: python -m provenanced.configref --write"
+            "README.md's configuration table is stale: python -m provenanced.commands.configref --write"
         )
 
     def test_example_file_is_current(self) -> None:
         """config/provenanced.example.toml equals the generated example."""
         assert (ROOT / configref.EXAMPLE).read_text() == configref.render_example(), (
-            "the example config is stale: python -m provenanced.configref --write"
+            "the example config is stale: python -m provenanced.commands.configref --write"
         )
 
     def test_check_mode_agrees(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from provenanced.audit import vouch
+from provenanced.core.unitpath import SYSTEM_TIERS, locate
+from provenanced.core.vouching import vouch
 from provenanced.model import (
     Expectations,
     FileFact,
@@ -15,7 +16,6 @@ from provenanced.model import (
     UnitDir,
     UnitRecord,
 )
-from provenanced.unitpath import SYSTEM_TIERS, locate
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ class UnitProvenance:
         }
 
 
-def _describe_file(
+def _file_provenance(
     path: str, obs: Observation, exp: Expectations, dirs: Mapping[str, UnitDir]
 ) -> FileProvenance:
     fact = obs.facts.get(path) or FileFact(path, FileKind.MISSING)
@@ -75,9 +75,9 @@ def _describe_file(
     )
 
 
-def describe(unit: UnitRecord, obs: Observation, exp: Expectations) -> UnitProvenance:
+def provenance_of(unit: UnitRecord, obs: Observation, exp: Expectations) -> UnitProvenance:
     """Where each piece of one unit's definition comes from."""
     dirs = {d.path: d for d in obs.unit_dirs}
-    fragment = _describe_file(unit.fragment_path, obs, exp, dirs) if unit.fragment_path else None
-    dropins = tuple(_describe_file(p, obs, exp, dirs) for p in unit.dropin_paths)
+    fragment = _file_provenance(unit.fragment_path, obs, exp, dirs) if unit.fragment_path else None
+    dropins = tuple(_file_provenance(p, obs, exp, dirs) for p in unit.dropin_paths)
     return UnitProvenance(unit.name, unit.load_state, unit.need_daemon_reload, fragment, dropins)

@@ -1,0 +1,132 @@
+"""One manager's audit, kept current: what was observed, who vouches for it, what is open."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from provenanced.core.audit import definition_hash
+from provenanced.core.incremental import IncrementalAudit
+from provenanced.core.jobs import JobFindings
+from provenanced.core.transitions import Key, diff
+from provenanced.core.vouching import expectations
+from provenanced.model import (
+    BaselineEntry,
+    Expectations,
+    Finding,
+    FindingKind,
+    HomeManagerGeneration,
+    Observation,
+    ServiceResult,
+    Transition,
+    frozen_map,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """What a partial re-read changed: paths (a fact or the scan) and units (a record or a hash)."""
+
+    paths: frozenset[str] = frozenset()
+    units: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One re-read of the manager and the disk, as the state takes it in."""
+
+    observation: Observation
+    touched: Touched | None  # None: everything was read again
+    generation: HomeManagerGeneration | None = None  # read on full re-reads only
+    manager_reloaded: bool = False  # what is on disk now is what the manager just loaded
+
+
+class AuditState:
+    """The observation, the expectations, the incremental audit and the open findings of one manager.
+
+    Pure: readings and job outcomes in, transitions out; the daemon does the I/O around it.
+    """
+
+    def __init__(self, managed_roots: tuple[str, ...]) -> None:
+        self.observation: Observation | None = None
+        self.findings: Mapping[Key, Finding] = {}
+        self._managed_roots = managed_roots
+        self._generation = HomeManagerGeneration()
+        self._baseline: Mapping[str, BaselineEntry] = {}
+        self._exp: Expectations | None = None  # built once per roots, generation and baseline
+        self._audit: IncrementalAudit | None = None
+        # Each unit's definition hash when the manager last loaded it: the mtime-blind reference.
+        self._loaded_hashes: dict[str, str] = {}
+        self._jobs = JobFindings()
+
+    @property
+    def expectations(self) -> Expectations:
+        """What vouches for files right now."""
+        if self._exp is None:
+            self._exp = expectations(self._managed_roots, self._generation, self._baseline)
+        return self._exp
+
+    @property
+    def generation(self) -> HomeManagerGeneration:
+        """The Home Manager generation the expectations follow."""
+        return self._generation
+
+    def has_open(self, kind: FindingKind) -> bool:
+        """Whether any finding of ``kind`` is open."""
+        return any(key[0] is kind for key in self.findings)
+
+    def accept_baseline(self, accepted: Mapping[str, BaselineEntry]) -> None:
+        """Judge against this baseline from the next update on."""
+        self._baseline, self._exp = accepted, None
+
+    def follow_roots(self, managed_roots: tuple[str, ...]) -> None:
+        """Judge against other managed roots, and forget the generation (read it again)."""
+        self._managed_roots, self._generation, self._exp = (
+            managed_roots,
+            HomeManagerGeneration(),
+            None,
+        )
+
+    def update(self, reading: Reading, now: float) -> list[Transition]:
+        """Take in a re-read: judge what it touched (or everything) and diff the open findings."""
+        if reading.generation is not None and reading.generation is not self._generation:
+            self._generation, self._exp = reading.generation, None
+        obs = self._with_loaded_hashes(reading)
+        self.observation = obs
+        exp = self.expectations
+        if reading.touched is None or self._audit is None or not self._audit.fits(obs, exp):
+            self._audit = None  # let the old one go first: two at once set the RSS peak
+            self._audit = IncrementalAudit(obs, exp)
+            found = self._audit.findings
+        else:
+            found = self._audit.update(obs, reading.touched.paths, reading.touched.units)
+        return self._diff((*found, *self._jobs.findings()), now)
+
+    def record_job(
+        self, unit: str, job_id: int, job_result: str, result: ServiceResult, now: float
+    ) -> tuple[Finding | None, list[Transition]]:
+        """Take in a finished job's outcome: the finding it newly opened, and the transitions."""
+        opened = self._jobs.record(unit, job_id, job_result, result)
+        others = (f for f in self.findings.values() if f.kind is not FindingKind.JOB_UNVERIFIED)
+        return opened, self._diff((*others, *self._jobs.findings()), now)
+
+    def _diff(self, found: tuple[Finding, ...], now: float) -> list[Transition]:
+        self.findings, transitions = diff(self.findings, found, now)
+        return transitions
+
+    def _with_loaded_hashes(self, reading: Reading) -> Observation:
+        obs = reading.observation
+        if reading.touched is None:
+            if reading.manager_reloaded:
+                self._loaded_hashes = {}
+            for name, unit in obs.units.items():
+                self._loaded_hashes.setdefault(name, definition_hash(unit, obs.facts))
+        else:
+            for name in reading.touched.units:
+                record = obs.units.get(name)
+                if record is None:
+                    self._loaded_hashes.pop(name, None)
+                else:
+                    # A unit seen for the first time: what is on disk now is the reference.
+                    self._loaded_hashes.setdefault(name, definition_hash(record, obs.facts))
+        return replace(obs, loaded_hashes=frozen_map(self._loaded_hashes))

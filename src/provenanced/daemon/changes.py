@@ -1,0 +1,87 @@
+"""What can make the daemon look again, and which look each manager signal or file event asks for."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from provenanced.fs.watch import Overflow, PathChanged, WatchEvent, WatchLimitReached
+from provenanced.systemd import events
+
+
+@dataclass(frozen=True, slots=True)
+class FullResync:
+    """Re-read everything: start-up, reconnect, overflow, reload, a new generation, the backstop."""
+
+    reason: str
+    monotonic: float
+    manager_reloaded: bool = False  # the manager just (re)loaded: retake the definition hashes
+
+
+@dataclass(frozen=True, slots=True)
+class UnitChanged:
+    """The manager loaded a unit (re-read it) or unloaded it (forget it, never re-read it).
+
+    Reading an unloaded unit by its object path would load it again, and the manager would
+    unload it again: a loop of D-Bus calls on an idle system.
+    """
+
+    name: str
+    monotonic: float
+    unloaded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineChanged:
+    """``baseline.json`` was rewritten (``provenanced baseline accept``)."""
+
+
+Change = PathChanged | FullResync | UnitChanged | BaselineChanged
+
+
+def change_for_signal(event: events.ManagerEvent, reloading: bool, now: float) -> Change | None:
+    """The re-read a manager signal asks for (``reloading``: between the two Reloading signals)."""
+    if isinstance(event, events.Reloading) and not event.active:
+        return FullResync("manager reloaded", now, manager_reloaded=True)
+    if isinstance(event, events.ManagerOwnerChanged):
+        return FullResync("manager restarted", now, manager_reloaded=True)
+    if isinstance(event, events.UnitNew | events.UnitRemoved) and not reloading:
+        # A reload frees and re-creates every unit; the resync at its end covers them.
+        return UnitChanged(event.name, now, unloaded=isinstance(event, events.UnitRemoved))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedPlaces:
+    """The watched directories that are not unit directories, and what a change in them means."""
+
+    state_dir: str
+    baseline_file: str
+    gcroots_dir: str
+
+
+def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change | None:
+    """The re-read a file event asks for (None for a watch that could not be added)."""
+    if isinstance(event, Overflow):
+        return FullResync("inotify overflow", event.monotonic)
+    if isinstance(event, WatchLimitReached):
+        return None
+    if posixpath.dirname(event.path) == places.state_dir:
+        if posixpath.basename(event.path) == places.baseline_file:
+            return BaselineChanged()
+        return None
+    if event.path.startswith(places.gcroots_dir):
+        return FullResync("home manager generation changed", event.monotonic)
+    return event
+
+
+__all__ = [
+    "BaselineChanged",
+    "Change",
+    "FullResync",
+    "PathChanged",
+    "UnitChanged",
+    "WatchedPlaces",
+    "change_for_signal",
+    "change_for_watch_event",
+]

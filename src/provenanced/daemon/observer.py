@@ -1,0 +1,219 @@
+"""Every read of the manager and the disk: a full observation, or the part a batch of changes touched."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from provenanced.core.index import PathIndex
+from provenanced.core.state import Reading, Touched
+from provenanced.core.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
+from provenanced.daemon.changes import Change, FullResync, PathChanged, UnitChanged
+from provenanced.expect.generation import read_generation
+from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.model import (
+    FileFact,
+    FileKind,
+    HomeManagerGeneration,
+    Observation,
+    UnitDir,
+    UnitRecord,
+    frozen_map,
+)
+from provenanced.systemd import manager
+from provenanced.systemd.bus import ManagerConnection
+
+
+def user_dirs(env: Mapping[str, str]) -> UserDirs:
+    """The XDG base directories the user manager uses, derived like systemd does."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return UserDirs(
+        home=home,
+        config_home=env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"),
+        data_home=env.get("XDG_DATA_HOME") or os.path.join(home, ".local/share"),
+        runtime_dir=runtime,
+    )
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a unit name matches any shell-style pattern (all names when there are none)."""
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def scan_files(unit_dirs: Iterable[UnitDir]) -> tuple[str, ...]:
+    """Every file in the audited tiers of the search path."""
+    return tuple(
+        path for d in unit_dirs if d.tier in AUDITED_TIERS for path in scan_unit_dir(d.path)
+    )
+
+
+def _unloaded_fragments(
+    files: Iterable[str], unit_dirs: Sequence[UnitDir], loaded: Iterable[str]
+) -> set[str]:
+    by_path = {d.path: d for d in unit_dirs}
+    names = set()
+    for path in files:
+        loc = locate(path, by_path)
+        # Templates cannot be loaded by name; their instances are loaded on use.
+        if loc is not None and loc.is_fragment and not loc.unit.split(".")[0].endswith("@"):
+            names.add(loc.unit)
+    return names - set(loaded)
+
+
+class _UnitDirChanged(Exception):
+    """A unit directory itself changed (created, removed, retargeted): only a full read covers it."""
+
+
+@dataclass(slots=True)
+class Observer:
+    """Reads the manager and the disk for one manager connection.
+
+    Keeps what makes the next read cheap: the hash cache, the generation last read, and the index
+    of which units a path can affect.
+    """
+
+    conn: ManagerConnection
+    dirs: UserDirs
+    managed_roots: tuple[str, ...]
+    read_home_manager: bool = True
+    reader: FactReader = field(default_factory=FactReader)
+    _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
+    _index: PathIndex = field(default_factory=PathIndex)
+    _indexed: Observation | None = None  # the observation the index describes
+
+    async def unit_dirs(self) -> tuple[UnitDir, ...]:
+        """The manager's UnitPath as tiered directories."""
+        return build_unit_dirs(await manager.unit_path(self.conn), self.dirs)
+
+    async def observe(
+        self, patterns: Sequence[str] = (), load: Sequence[str] = ()
+    ) -> tuple[Observation, HomeManagerGeneration]:
+        """A full observation: every loaded unit, every audited file, Home Manager's links.
+
+        The generation read last time is kept while the gcroot still leads to it.
+        """
+        unit_dirs = await self.unit_dirs()
+        if self.read_home_manager:
+            self._generation = read_generation(
+                self.dirs.home, unit_dirs, self.reader, self._generation
+            )
+        else:
+            self._generation = HomeManagerGeneration()
+        generation = self._generation
+        scanned = scan_files(unit_dirs)
+        names = [u.name for u in await manager.list_units(self.conn)]
+        expected_names = _unloaded_fragments((*scanned, *generation.links), unit_dirs, names)
+        expected_names.update(set(load) - set(names))
+        for name in sorted(expected_names):
+            await manager.load_unit(self.conn, name)
+        names = sorted({*names, *expected_names})
+        records = await manager.get_unit_records(
+            self.conn, [n for n in names if matches(n, patterns)]
+        )
+        facts = self.read_facts(records.values(), scanned, generation.links)
+        obs = Observation(
+            units=frozen_map(records),
+            facts=frozen_map(facts),
+            unit_dirs=unit_dirs,
+            uid=os.getuid(),
+            scanned_files=frozenset(scanned),
+        )
+        return obs, generation
+
+    async def read(self, batch: Sequence[Change], since: Observation | None) -> Reading:
+        """Re-read what ``batch`` touched since ``since``; everything when it asks for that."""
+        full = [c for c in batch if isinstance(c, FullResync)]
+        if since is not None and not full:
+            try:
+                return await self._read_touched(batch, since)
+            except _UnitDirChanged:
+                pass
+        obs, generation = await self.observe()
+        self._index, self._indexed = PathIndex.build(obs.units.values()), obs
+        return Reading(
+            obs, None, generation, manager_reloaded=any(c.manager_reloaded for c in full)
+        )
+
+    async def _read_touched(self, batch: Sequence[Change], since: Observation) -> Reading:
+        if since is not self._indexed:
+            self._index = PathIndex.build(since.units.values())
+        obs = since
+        dirs = {d.path: d for d in obs.unit_dirs}
+        scanned = set(obs.scanned_files)
+        paths: set[str] = set()
+        for change in batch:
+            if not isinstance(change, PathChanged) or not change.path:
+                continue
+            if change.path in dirs:
+                raise _UnitDirChanged(change.path)
+            paths.add(change.path)
+            if change.is_dir:
+                inside = {p for p in scanned if p.startswith(change.path + "/")}
+                paths |= inside
+                scanned -= inside
+        facts = dict(obs.facts)
+        facts.update(self.reader.read_many(paths))
+        unloaded = {c.name for c in batch if isinstance(c, UnitChanged) and c.unloaded}
+        affected = {c.name for c in batch if isinstance(c, UnitChanged) and not c.unloaded}
+        for path in paths:
+            loc = locate(path, dirs)
+            fact = facts[path]
+            if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+                if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
+                    scanned.add(path)
+                else:
+                    scanned.discard(path)
+            affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
+            if (
+                loc is not None
+                and loc.is_fragment
+                and loc.unit not in obs.units
+                and fact.kind is not FileKind.MISSING
+            ):
+                await manager.load_unit(self.conn, loc.unit)
+                affected.add(loc.unit)
+        units = dict(obs.units)
+        for name in unloaded - affected:
+            old = units.pop(name, None)
+            if old is not None:
+                self._index.remove(old)
+        affected -= unloaded
+        records = await manager.get_unit_records(self.conn, sorted(affected))
+        facts.update(self.read_facts(records.values(), (), ()))
+        # Re-read definition files may be shared with units outside ``affected``: all count as changed.
+        paths.update(p for record in records.values() for p in record.definition_paths)
+        for name in affected:
+            old = units.pop(name, None)
+            if old is not None:
+                self._index.remove(old)
+        for record in records.values():
+            units[record.name] = record
+            self._index.add(record)
+        obs = replace(
+            obs, units=frozen_map(units), facts=frozen_map(facts), scanned_files=frozenset(scanned)
+        )
+        self._indexed = obs
+        return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
+
+    def read_facts(
+        self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
+    ) -> dict[str, FileFact]:
+        """Facts for every path the audit may look at."""
+        paths = {*scanned, *expected}
+        for record in records:
+            paths.update(record.definition_paths)
+        return self.reader.read_many(sorted(paths))
+
+
+def baseline_facts(obs: Observation) -> list[FileFact]:
+    """The facts a new baseline records: every existing file in an audited tier."""
+    by_path = {d.path: d for d in obs.unit_dirs}
+    result = []
+    for path, fact in obs.facts.items():
+        loc = locate(path, by_path)
+        if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+            result.append(fact)
+    return result
