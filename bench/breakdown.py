@@ -101,8 +101,9 @@ def _fast_paths() -> Iterator[None]:
 async def breakdown(sandbox: Sandbox) -> list[Stage]:
     """Time every stage of a full resync against this sandbox's manager."""
     from provenanced.core.audit import audit, definition_hash
+    from provenanced.core.vouching import expectations
     from provenanced.daemon.observer import Observer, scan_files, user_dirs
-    from provenanced.expect import generation
+    from provenanced.expect.generation import read_generation
     from provenanced.model import frozen_map
     from provenanced.systemd import manager
     from provenanced.systemd.bus import ManagerConnection, resolve_address
@@ -111,10 +112,11 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
     conn = await ManagerConnection.connect(resolve_address(None, env))
     stages: list[Stage] = []
     try:
-        observer = Observer(conn, user_dirs(env), (str(sandbox.store),))
+        roots = (str(sandbox.store),)
+        observer = Observer(conn, user_dirs(env), roots)
         await observer.observe()  # warm the hash cache as a running daemon has it
         total, (obs, generation) = await _timed(observer.observe)
-        exp = observer.expectations(generation, _baseline(sandbox))
+        exp = expectations(roots, generation, _baseline(sandbox) or {})
         audit_s, findings = await _timed(_sync(lambda: audit(obs, exp)))
         stages.append(Stage("observe() + audit(): a full resync's core", total + audit_s))
 
@@ -122,7 +124,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         stages.append(Stage("  UnitPath (1 D-Bus Get)", unit_dirs_s))
         home = env["HOME"]
         gen_s, gen = await _timed(
-            _sync(lambda: generation.read_generation(home, unit_dirs, observer.facts))
+            _sync(lambda: read_generation(home, unit_dirs, observer.reader))
         )
         stages.append(Stage("  Home Manager links (read_generation)", gen_s, len(gen.links)))
         scan_s, scanned = await _timed(_sync(lambda: scan_files(unit_dirs)))
@@ -144,7 +146,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
 
         with _fast_paths():
             fixed_s, (fixed_obs, fixed_gen) = await _timed(observer.observe)
-            fixed_exp = observer.expectations(fixed_gen, exp.baseline)
+            fixed_exp = expectations(roots, fixed_gen, exp.baseline)
             fixed_audit_s, fixed_findings = await _timed(_sync(lambda: audit(fixed_obs, fixed_exp)))
         same = fixed_findings == findings and fixed_obs.facts == obs.facts
         stages.append(

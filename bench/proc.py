@@ -54,7 +54,7 @@ def _pss(pid: int) -> int:
 
 
 _FLOOR = """
-import provenanced.cli, provenanced.daemon
+import provenanced.cli, provenanced.daemon.service
 for line in open("/proc/self/status"):
     if line.startswith("VmRSS:"):
         print(line.split()[1])

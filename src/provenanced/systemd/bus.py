@@ -150,7 +150,7 @@ def _consume(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
-def _describe(exc: BaseException) -> str:
+def _error_text(exc: BaseException) -> str:
     """One readable clause for a library or OS error."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -201,7 +201,7 @@ class ManagerConnection:
         except (OSError, EOFError, TimeoutError, DBusFastError) as exc:
             raise ManagerUnreachableError(
                 f"user manager unreachable at {transport.address} ({transport.kind}): "
-                f"{_describe(exc)}"
+                f"{_error_text(exc)}"
             ) from exc
         return cls(bus, transport, timeout=timeout, max_in_flight=max_in_flight, on_call=on_call)
 
@@ -254,7 +254,7 @@ class ManagerConnection:
             except Exception as exc:
                 self._report(member, "error")
                 raise ManagerCallError(
-                    f"{member} on {path}: connection lost ({_describe(exc)})"
+                    f"{member} on {path}: connection lost ({_error_text(exc)})"
                 ) from exc
         if reply is None:
             self._report(member, "error")
