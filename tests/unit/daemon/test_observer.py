@@ -1,0 +1,86 @@
+"""The observer's pure helpers, against trees built in tmp_path: what it scans, loads and records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from provenanced.daemon.observer import (
+    _unloaded_fragments,
+    baseline_facts,
+    matches,
+    scan_files,
+    user_dirs,
+)
+from provenanced.model import FileFact, FileKind, Observation, Tier, UnitDir, frozen_map
+
+
+def tree(tmp_path: Path) -> tuple[UnitDir, ...]:
+    config = tmp_path / "config"
+    (config / "web.service.d").mkdir(parents=True)
+    (config / "web.service").write_text("[Service]\n")
+    (config / "web.service.d" / "10-env.conf").write_text("[Service]\n")
+    (config / "tpl@.service").write_text("[Service]\n")
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    (vendor / "dbus.service").write_text("[Service]\n")
+    return (UnitDir(str(config), Tier.CONFIG, 0), UnitDir(str(vendor), Tier.VENDOR, 1))
+
+
+class TestUserDirs:
+    def test_follows_the_xdg_variables(self) -> None:
+        """Explicit XDG directories win over the defaults under HOME."""
+        dirs = user_dirs({"HOME": "/h", "XDG_CONFIG_HOME": "/c", "XDG_RUNTIME_DIR": "/r"})
+        assert (dirs.home, dirs.config_home, dirs.data_home, dirs.runtime_dir) == (
+            "/h",
+            "/c",
+            "/h/.local/share",
+            "/r",
+        )
+
+    def test_defaults_the_runtime_directory_by_uid(self) -> None:
+        """Without XDG_RUNTIME_DIR the manager's runtime directory is /run/user/UID."""
+        assert user_dirs({"HOME": "/h"}).runtime_dir == f"/run/user/{os.getuid()}"
+
+
+class TestMatches:
+    def test_no_patterns_match_everything(self) -> None:
+        """An audit without patterns covers every unit."""
+        assert matches("a.service", ())
+
+    def test_shell_patterns_select_units(self) -> None:
+        """Patterns are shell-style and case-sensitive."""
+        assert matches("podman-web.service", ("podman-*",))
+        assert not matches("Podman-web.service", ("podman-*",))
+
+
+class TestScanFiles:
+    def test_scans_the_audited_tiers_only(self, tmp_path: Path) -> None:
+        """User tiers are scanned with their drop-ins; the vendor tier is not."""
+        scanned = set(scan_files(tree(tmp_path)))
+        config = tmp_path / "config"
+        assert scanned == {
+            str(config / "web.service"),
+            str(config / "web.service.d" / "10-env.conf"),
+            str(config / "tpl@.service"),
+        }
+
+
+class TestUnloadedFragments:
+    def test_names_fragments_the_manager_has_not_loaded(self, tmp_path: Path) -> None:
+        """A unit file nothing loaded is named; a loaded one and a template are not."""
+        dirs = tree(tmp_path)
+        names = _unloaded_fragments(scan_files(dirs), dirs, loaded=[])
+        assert names == {"web.service"}
+        assert _unloaded_fragments(scan_files(dirs), dirs, loaded=["web.service"]) == set()
+
+
+class TestBaselineFacts:
+    def test_records_files_of_the_audited_tiers_only(self, tmp_path: Path) -> None:
+        """A first baseline records the user's files, never vendor or unrelated paths."""
+        dirs = tree(tmp_path)
+        mine = str(tmp_path / "config" / "web.service")
+        vendor = str(tmp_path / "vendor" / "dbus.service")
+        facts = {p: FileFact(p, FileKind.FILE, sha256="s") for p in (mine, vendor, "/etc/x")}
+        obs = Observation(units=frozen_map(), facts=frozen_map(facts), unit_dirs=dirs, uid=0)
+        assert [f.path for f in baseline_facts(obs)] == [mine]
