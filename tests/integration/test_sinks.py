@@ -153,7 +153,7 @@ class TestEndpoints:
     def test_findings_api(self, server: HttpServer, status: _Status) -> None:
         """/api/v1/findings is the audit --json shape: units, findings, stale."""
         findings = (_finding("a.service"), _finding("b.service", FindingKind.MASKED))
-        status.value = DaemonStatus(findings=findings, units_audited=12, stale=True)
+        status.value = DaemonStatus(findings=findings, units_audited=12, behind=True)
         reply = _request(server.address, "/api/v1/findings?ignored=1")
         assert reply.status == 200
         assert reply.headers["Content-Type"] == "application/json"

@@ -82,7 +82,7 @@ class Observer:
     reader: FactReader = field(default_factory=FactReader)
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
     _index: PathIndex = field(default_factory=PathIndex)
-    _indexed: Observation | None = None  # the observation the index describes
+    _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
 
     async def unit_dirs(self) -> tuple[UnitDir, ...]:
         """The manager's UnitPath as tiered directories."""
@@ -132,13 +132,13 @@ class Observer:
             except _UnitDirChanged:
                 pass
         obs, generation = await self.observe()
-        self._index, self._indexed = PathIndex.build(obs.units.values()), obs
+        self._index, self._indexed = PathIndex.build(obs.units.values()), obs.units
         return Reading(
             obs, None, generation, manager_reloaded=any(c.manager_reloaded for c in full)
         )
 
     async def _read_touched(self, batch: Sequence[Change], since: Observation) -> Reading:
-        if since is not self._indexed:
+        if since.units is not self._indexed:
             self._index = PathIndex.build(since.units.values())
         obs = since
         dirs = {d.path: d for d in obs.unit_dirs}
@@ -156,8 +156,10 @@ class Observer:
                 scanned -= inside
         facts = dict(obs.facts)
         facts.update(self.reader.read_many(paths))
-        unloaded = {c.name for c in batch if isinstance(c, UnitChanged) and c.unloaded}
-        affected = {c.name for c in batch if isinstance(c, UnitChanged) and not c.unloaded}
+        # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
+        last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
+        unloaded = {name for name, gone in last.items() if gone}
+        affected = {name for name, gone in last.items() if not gone}
         for path in paths:
             loc = locate(path, dirs)
             fact = facts[path]
@@ -195,7 +197,7 @@ class Observer:
         obs = replace(
             obs, units=frozen_map(units), facts=frozen_map(facts), scanned_files=frozenset(scanned)
         )
-        self._indexed = obs
+        self._indexed = obs.units
         return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
 
     def read_facts(
