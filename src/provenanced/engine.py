@@ -564,7 +564,8 @@ class Engine:
                 continue
             notify.reloading()
             try:
-                settings = self._load_settings()
+                # In a thread: a slow file system must not stall the loop (or the watchdog).
+                settings = await asyncio.to_thread(self._load_settings)
             except Exception as exc:
                 log.error("config.reload_failed", error=str(exc))
             else:
