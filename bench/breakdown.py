@@ -123,9 +123,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         unit_dirs_s, unit_dirs = await _timed(observer.unit_dirs)
         stages.append(Stage("  UnitPath (1 D-Bus Get)", unit_dirs_s))
         home = env["HOME"]
-        gen_s, gen = await _timed(
-            _sync(lambda: read_generation(home, unit_dirs, observer.reader))
-        )
+        gen_s, gen = await _timed(_sync(lambda: read_generation(home, unit_dirs, observer.reader)))
         stages.append(Stage("  Home Manager links (read_generation)", gen_s, len(gen.links)))
         scan_s, scanned = await _timed(_sync(lambda: scan_files(unit_dirs)))
         stages.append(Stage("  scan unit directories", scan_s, len(scanned)))

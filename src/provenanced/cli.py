@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -18,16 +19,36 @@ from provenanced.core.audit import audit
 from provenanced.core.provenance import provenance_of
 from provenanced.core.vouching import expectations
 from provenanced.daemon.observer import Observer, baseline_facts, matches, user_dirs
-from provenanced.errors import ProvenancedError, UsageError
+from provenanced.errors import ProvenancedError, UsageError, one_line
 from provenanced.expect import baseline
+from provenanced.logging import configure_logging
 from provenanced.model import Finding
 from provenanced.systemd.bus import ManagerConnection, resolve_address
+from provenanced.systemd.names import UNIT_NAME_MAX, is_template, is_valid_unit_name
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
+# A unit name quoted in an error is cut after this many characters.
+_NAME_SHOWN = 60
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    # Logs go to stderr at the configured level: stdout carries only the command's answer.
+    configure_logging(settings.log.level, settings.log.format)
+    return settings
+
+
+def _check_unit_names(names: Sequence[str]) -> None:
+    """Refuse, before any bus call, a name the manager would refuse to load."""
+    for name in names:
+        if is_template(name) and is_valid_unit_name(name):
+            stem, _, suffix = name.rpartition(".")
+            raise UsageError(f"{name} is a template; name an instance, such as {stem}NAME.{suffix}")
+        if len(name) > UNIT_NAME_MAX:
+            shown = one_line(name, _NAME_SHOWN)
+            raise UsageError(f"{shown} is not a unit name: longer than {UNIT_NAME_MAX} characters")
+        if not is_valid_unit_name(name):
+            raise UsageError(f"{one_line(name, _NAME_SHOWN)} is not a valid unit name")
 
 
 async def _connect(settings: Settings) -> ManagerConnection:
@@ -106,6 +127,7 @@ def _print_findings(findings: Sequence[Finding], units: int, duration: float) ->
 
 
 async def _show(args: argparse.Namespace) -> int:
+    _check_unit_names(args.units)
     settings = _settings(args)
     conn = await _connect(settings)
     try:
@@ -158,10 +180,8 @@ async def _baseline_accept(args: argparse.Namespace) -> int:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     from provenanced.daemon.service import serve
-    from provenanced.logging import configure_logging
 
     settings = _settings(args)
-    configure_logging(settings.log.level, settings.log.format)
     asyncio.run(serve(settings, args.config))
     return EXIT_OK
 
@@ -171,6 +191,10 @@ async def _restart(args: argparse.Namespace) -> int:
 
     if not args.verify:
         raise UsageError("restart needs --verify (plain restarts are systemctl's job)")
+    # Checked before the restart: a timeout of 0, -1 or nan would restart, then report a timeout.
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    _check_unit_names([args.unit])
     settings = _settings(args)
     conn = await _connect(settings)
     try:
@@ -306,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ProvenancedError as exc:
-        print(f"provenanced: {exc}", file=sys.stderr)
+        print(f"provenanced: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

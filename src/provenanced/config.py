@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
-from provenanced.errors import ConfigError
+from provenanced.errors import ConfigError, one_line
 from provenanced.model import FindingKind
 
 HEALABLE = frozenset(
@@ -23,10 +30,16 @@ HEALABLE = frozenset(
         FindingKind.MANAGED_MISSING,
     }
 )
+ENV_PREFIX = "PROVENANCED_"
+# The example config is 3 KiB; anything near this is not a config file (or is /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+# A key or message quoted in an error is cut after this many characters.
+_SHOWN_MAX = 80
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf or nan would mean "never": a call that never times out, a backstop that never runs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ManagerSettings(_Section):
@@ -139,7 +152,11 @@ class Settings(BaseSettings):
     """The effective configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PROVENANCED_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
     state_dir: Path | None = Field(
@@ -185,27 +202,99 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     explicit = path is not None
     path = path if path is not None else default_config_path(env)
     data: dict[str, Any] = {}
+    # Without a file, whatever is invalid came from the environment.
+    source = "environment"
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+        data = tomllib.loads(read_config_file(path).decode("utf-8"))
+        source = str(path)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {' '.join(str(exc).split())}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_errors(exc)}") from exc
+        raise ConfigError(f"{source}: {describe_errors(exc)}") from exc
+    except (SettingsError, RecursionError) as exc:
+        # pydantic-settings decodes list and table variables as JSON (from os.environ, whatever
+        # ``env`` says) and its error names only the section: name the variable instead.
+        raise ConfigError(f"environment: {_describe_bad_json(os.environ)}") from exc
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; never waits for a writer.
+
+    Anything else (a FIFO, /dev/zero, a terminal) is refused before it is read: a FIFO would
+    block until someone writes to it, a device may never end.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ConfigError(f"config file {path} is not a regular file")
+    # O_NONBLOCK: if the name was swapped for a FIFO since the stat, open must not wait either.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        # One byte past the cap is enough to know the file is too large.
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    return b"".join(chunks)
+
+
+def _describe_bad_json(env: Mapping[str, str]) -> str:
+    """Name the ``PROVENANCED_*`` list or table variables whose value is not JSON."""
+    bad = []
+    for name, value in sorted(env.items()):
+        if not _is_json_variable(name):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            bad.append(f"{name}: invalid JSON ({one_line(str(exc), _SHOWN_MAX)})")
+        except RecursionError:
+            bad.append(f"{name}: invalid JSON (nested too deeply)")
+    return "; ".join(bad) or "a PROVENANCED_* list or table value is not valid JSON"
+
+
+def _is_json_variable(name: str) -> bool:
+    """Whether pydantic-settings decodes ``name`` as JSON: it sets a section, a list or a table."""
+    if not name.upper().startswith(ENV_PREFIX):
+        return False
+    model: type[BaseModel] = Settings
+    *sections, key = name[len(ENV_PREFIX) :].lower().split("__")
+    for section in sections:
+        field = model.model_fields.get(section)
+        if field is None or not _is_model(field.annotation):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(key)
+    if field is None:
+        return False
+    return _is_model(field.annotation) or get_origin(field.annotation) in (tuple, list, dict)
+
+
+def _is_model(annotation: object) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def describe_errors(exc: ValidationError) -> str:
     """One readable clause per validation error, naming the key."""
     parts = []
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(root)"
+        key = ".".join(one_line(str(p), _SHOWN_MAX) for p in error["loc"]) or "(root)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"

@@ -32,12 +32,19 @@ class ManagerCallError(ProvenancedError):
 
     exit_code = 3
 
-    def __init__(self, message: str, error_name: str = "") -> None:
+    def __init__(self, message: str, error_name: str = "", reply: str = "") -> None:
         super().__init__(message)
         self.error_name = error_name
+        self.reply = reply  # the manager's own words, when it answered with an error
 
 
 class StateError(ProvenancedError):
     """The state directory (baseline, quarantine) cannot be read or written."""
 
     exit_code = 2
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` fit for an error line: control characters escaped, cut after ``limit`` characters."""
+    cut = text if limit is None or len(text) <= limit else text[:limit] + "…"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)

@@ -85,6 +85,35 @@ class TestSighupWithBrokenConfig:
         assert kept == {f"[Timer]\nOnCalendar=hourly\n# edit {n}\n" for n in (1, 2)}
 
 
+class TestSighupWithFifoConfig:
+    def test_a_fifo_as_config_does_not_block_the_loop(
+        self, fresh_sandbox: Sandbox, tmp_path: Path
+    ) -> None:
+        """SIGHUP while config.toml is a FIFO nobody writes to: one error line, the loop goes on."""
+        sandbox = fresh_sandbox
+        with daemon_process(sandbox, tmp_path, config_toml(sandbox)) as proc:
+            good = proc.config_path.read_text()
+            proc.config_path.unlink()
+            os.mkfifo(proc.config_path)
+            proc.signal(signal.SIGHUP)
+            poll(lambda: _events(proc, "config.reload_failed"), message="reload_failed")
+            (failed,) = _events(proc, "config.reload_failed")
+            assert "not a regular file" in failed
+            # Detection needs the event loop (the HTTP server has threads of its own).
+            extra = unit_file(sandbox.config_dir, "after-fifo.service")
+            try:
+                poll(lambda: str(extra) in _paths(proc, "unmanaged-unit"), message="detected")
+                assert proc.get("/-/healthy")[0] == 200
+                proc.config_path.unlink()
+                proc.config_path.write_text(good)
+                proc.signal(signal.SIGHUP)
+                poll(lambda: _events(proc, "config.reloaded"), message="reloaded")
+            finally:
+                extra.unlink()
+            assert "Traceback" not in proc.log()
+        assert proc.proc.returncode == 0
+
+
 class TestSighupAppliesProvenance:
     def test_new_managed_roots_take_effect_without_a_restart(
         self, fresh_sandbox: Sandbox, tmp_path: Path

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from daemonkit import Running, eventually, settings_for, start_daemon
-from provenanced.config import ProvenanceSettings
+from provenanced.config import ProvenanceSettings, Settings
+from provenanced.daemon.service import Daemon
 from provenanced.model import FindingKind
 from provenanced.sandbox import Sandbox, build_generation, example_units
 
@@ -251,6 +252,27 @@ class TestRecovery:
             )
             await eventually(lambda: running.has(FindingKind.UNMANAGED_UNIT, extra), 30)
             assert running.sample("provenanced_dbus_reconnects_total") >= 1
+
+    async def test_failed_connection_attempts_are_counted(self, tmp_path: Path) -> None:
+        """With no manager at the address, every failed attempt counts as a reconnect."""
+        settings = Settings(
+            state_dir=tmp_path / "state",
+            manager={"bus_address": f"unix:path={tmp_path}/no-bus", "reconnect_max_delay": 0.1},
+            metrics={"listen": "127.0.0.1:0"},
+            log={"format": "logfmt", "level": "error"},
+        )
+        env = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path)}
+        daemon = Daemon(settings, env=env)
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop), name="test.daemon")
+        try:
+            sample = daemon.telemetry.registry.get_sample_value
+            await eventually(lambda: (sample("provenanced_dbus_reconnects_total") or 0) >= 3)
+            assert not daemon.engine.connected.is_set()
+        finally:
+            stop.set()
+            async with asyncio.timeout(15):
+                await task
 
     async def test_daemon_reexec_keeps_following(self, fresh_sandbox: Sandbox) -> None:
         """After daemon-reexec the daemon still hears the manager and still detects drift."""

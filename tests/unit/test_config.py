@@ -86,3 +86,34 @@ class TestLoadSettings:
             else:
                 message = ""
             assert "\n" not in message
+
+    @given(
+        st.sampled_from(
+            [
+                "PROVENANCED_POLICY__HEAL",
+                "PROVENANCED_PROVENANCE__MANAGED_ROOTS",
+                "PROVENANCED_POLICY",
+                "PROVENANCED_MANAGER__CALL_TIMEOUT",
+            ]
+        ),
+        st.one_of(
+            st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+            st.integers(1, 5000).map(lambda depth: "[" * depth + "]" * depth),
+        ),
+    )
+    def test_arbitrary_environment_never_crashes(self, name: str, value: str) -> None:
+        """Any environment value yields settings or a one-line ConfigError, nothing else."""
+        import os
+        import tempfile
+        from unittest import mock
+
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {name: value}):
+            path = Path(tmp) / "c.toml"
+            path.write_text("")
+            try:
+                load_settings(path)
+            except ConfigError as exc:
+                message = str(exc)
+            else:
+                message = ""
+            assert "\n" not in message

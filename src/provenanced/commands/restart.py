@@ -20,6 +20,7 @@ UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 log = structlog.get_logger("provenanced.verify")
 
 _SETTLING = frozenset({"activating", "deactivating", "reloading", "refreshing"})
+_SYSTEMD_ERRORS = "org.freedesktop.systemd1."
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,14 @@ async def restart_and_verify(
     pinned = await _pin(conn, unit, env or {})
     try:
         async with asyncio.timeout(timeout):
-            job = await manager.restart_unit(conn, unit)
+            try:
+                job = await manager.restart_unit(conn, unit)
+            except ManagerCallError as exc:
+                # The manager answered, and refused (no such unit, masked, failed to load): the
+                # unit did not verify. A lost connection or a timeout stays "unreachable".
+                if not exc.error_name.startswith(_SYSTEMD_ERRORS):
+                    raise
+                return Verdict(False, f"the manager refused to restart {unit}: {exc.reply}")
             future = removed.setdefault(job, loop.create_future())
             if job in early:
                 future.set_result(early[job])

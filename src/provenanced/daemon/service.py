@@ -103,7 +103,8 @@ class Daemon:
             requested.clear()
             notify.reloading()
             try:
-                settings = load_settings(self._config_path)
+                # In a thread: a slow file system must not stall the loop (or the watchdog).
+                settings = await asyncio.to_thread(load_settings, self._config_path)
             except Exception as exc:
                 log.error("config.reload_failed", error=str(exc))
             else:

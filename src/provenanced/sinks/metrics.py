@@ -89,7 +89,10 @@ class Telemetry:
         )
         self._latency = Histogram(
             "provenanced_detection_latency_seconds",
-            "Time from an inotify event to the resulting finding being published.",
+            "Time from the oldest change in a re-check batch to its findings being published. "
+            "Changes are inotify events, manager signals (unit loaded or removed, reload done, "
+            "manager restarted) and full resyncs asked for by an inotify overflow, a new Home "
+            "Manager generation, a heal, a config reload, a retry or the backstop.",
             buckets=DETECTION_LATENCY_BUCKETS,
             registry=reg,
         )
@@ -101,7 +104,8 @@ class Telemetry:
         )
         self._reconnects = Counter(
             "provenanced_dbus_reconnects",
-            "Times the connection to the user manager was re-established after being lost.",
+            "Lost connections to the user manager and failed connection attempts; each is "
+            "followed by another attempt after a backoff.",
             registry=reg,
         )
         self._overflows = Counter(
@@ -154,7 +158,7 @@ class Telemetry:
         self._resync.observe(seconds)
 
     def observe_detection_latency(self, seconds: float) -> None:
-        """Record the delay from an inotify event to the finding it produced being published."""
+        """Record the delay from the oldest change of a re-check batch to its findings."""
         self._latency.observe(seconds)
 
     def record_dbus_call(self, method: str, result: str) -> None:
@@ -162,7 +166,7 @@ class Telemetry:
         self._dbus_calls.labels(method=method, result=result).inc()
 
     def record_reconnect(self) -> None:
-        """Count one re-established manager connection."""
+        """Count one lost connection or failed connection attempt."""
         self._reconnects.inc()
 
     def record_overflow(self) -> None:

@@ -263,7 +263,7 @@ class ManagerConnection:
             self._report(member, "error")
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
             name = reply.error_name or "unknown error"
-            raise ManagerCallError(f"{member} on {path} failed: {name}: {text}", name)
+            raise ManagerCallError(f"{member} on {path} failed: {name}: {text}", name, text)
         self._report(member, "ok")
         return list(reply.body)
 

@@ -88,6 +88,13 @@ def is_valid_unit_name(name: str) -> bool:
     return set(stem) <= _NAME_CHARS and not stem.startswith("@")
 
 
+def is_template(name: str) -> bool:
+    """Whether ``name`` is a template (``foo@.service``); the manager loads only its instances."""
+    stem, _, _ = name.rpartition(".")
+    # unit_name_is_valid(): a template's first "@" is right before the type suffix.
+    return bool(stem) and stem.find("@") == len(stem) - 1
+
+
 def template_of(name: str) -> str | None:
     """``foo@.service`` for the instance ``foo@bar.service``; None for plain names and templates."""
     stem, _, suffix = name.rpartition(".")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -279,3 +280,29 @@ class TestStatusCollector:
         for family in families:
             assert family.name.startswith("provenanced_"), family.name
             assert len(family.documentation) > 20, family.name
+
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+class TestWhatIsCounted:
+    @pytest.mark.parametrize(
+        ("name", "counted"),
+        [
+            ("provenanced_dbus_reconnects_total", ("lost", "failed connection attempts")),
+            (
+                "provenanced_detection_latency_seconds",
+                ("inotify", "manager signal", "overflow", "config reload", "retry", "backstop"),
+            ),
+        ],
+    )
+    def test_help_and_readme_name_every_source(self, name: str, counted: tuple[str, ...]) -> None:
+        """HELP and the README's metrics table both name every event the engine feeds in."""
+        families = {f.name: f for f in Telemetry(_Status()).registry.collect()}
+        help_text = families[name.removesuffix("_total")].documentation.lower()
+        (row,) = [
+            line for line in README.read_text().splitlines() if line.startswith(f"| `{name}`")
+        ]
+        for words in counted:
+            assert words in help_text, (words, help_text)
+            assert words in row.lower(), (words, row)

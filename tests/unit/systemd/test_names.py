@@ -14,6 +14,7 @@ from provenanced.systemd.names import (
     bus_label_escape,
     bus_label_unescape,
     dropin_dirs_for,
+    is_template,
     is_valid_unit_name,
     template_of,
     unescape_unit_path,
@@ -189,6 +190,31 @@ class TestTemplateOf:
         template = template_of(f"{prefix}@{instance}.{kind}")
         assert template == f"{prefix}@.{kind}"
         assert len(template) > 255 or is_valid_unit_name(template)
+
+
+class TestIsTemplate:
+    @pytest.mark.parametrize(
+        ("name", "template"),
+        [
+            ("foo@.service", True),
+            ("foo@bar.service", False),
+            ("foo@bar@.service", False),
+            ("foo.service", False),
+            ("@.service", True),
+            (".service", False),
+            ("", False),
+        ],
+    )
+    def test_template(self, name: str, template: bool) -> None:
+        """A template's first "@" sits right before the suffix, as unit_name_is_valid() has it."""
+        assert is_template(name) is template
+
+    @given(prefixes, instances, unit_types)
+    def test_an_instance_is_not_its_template(self, prefix: str, instance: str, kind: str) -> None:
+        """Every instance is no template, and the name template_of gives it is one."""
+        name = f"{prefix}@{instance}.{kind}"
+        assert not is_template(name)
+        assert is_template(template_of(name) or "")
 
 
 class TestDropinDirsFor:
