@@ -84,7 +84,7 @@ class Actions:
 
     ``consider`` runs after every update: it wakes the reloader while stale loads are open and
     heals, at most once per version of a file, what policy opts in. The engine requeues a
-    re-read after a heal that placed links.
+    re-read after a heal that placed links, and calls ``consider`` again after a deferred one.
     """
 
     def __init__(
@@ -126,7 +126,15 @@ class Actions:
         expected = state.expectations.home_manager_links.get(finding.path)
         fact = obs.facts.get(finding.path) if obs else None
         self._heal_tried[finding.key] = _identity(fact)
-        outcome = self._healer.heal(finding, fact, expected, obs.unit_dirs if obs else ())
+        outcome = self._healer.heal(
+            finding, fact, expected, obs.unit_dirs if obs else (), self.policy.quiet_window
+        )
+        if outcome.retry_in is not None:
+            # Still being written, or changed within the quiet window: this version is not
+            # tried yet, and the engine asks again after ``retry_in``.
+            del self._heal_tried[finding.key]
+            log.debug("heal.deferred", path=finding.path, detail=outcome.detail)
+            return outcome
         self._telemetry.record_heal(finding.kind.value, "ok" if outcome.ok else "failed")
         self._journal.send_heal(outcome.ok, finding, outcome.detail)
         log.info(

@@ -89,6 +89,7 @@ class Engine:
         gcroots = posixpath.dirname(posixpath.join(self.dirs.home, GCROOT))
         self._places = WatchedPlaces(self.state_dir, baseline.BASELINE_FILE, gcroots)
         self._tg: asyncio.TaskGroup | None = None
+        self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every loop until ``stop`` is set; a crashed loop ends the engine."""
@@ -311,10 +312,21 @@ class Engine:
 
     def _after(self, transitions: list[Transition]) -> None:
         self.alerts.send(transitions)
-        if any(outcome.ok for outcome in self.actions.consider(self.state)):
+        outcomes = self.actions.consider(self.state)
+        if any(outcome.ok for outcome in outcomes):
             # The placed links raise inotify events of their own; this makes sure a resync follows.
             self._changes.put_nowait(FullResync("healed", time.monotonic()))
+        waits = [o.retry_in for o in outcomes if o.retry_in is not None]
+        if waits and not self._heal_retry_due:
+            # A heal waits for its file to be quiet, and no event need come then: look again.
+            self._heal_retry_due = True
+            self._spawn(self._consider_again(min(waits)), "actions.heal_retry")
         self.publish()
+
+    async def _consider_again(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._heal_retry_due = False
+        self._after([])
 
     def _resynced(self, batch: Sequence[Change], duration: float) -> None:
         self.resyncs += 1

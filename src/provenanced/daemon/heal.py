@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import posixpath
-import secrets
 import stat
 import time
 from collections.abc import Iterable
@@ -15,31 +13,49 @@ from datetime import UTC, datetime
 
 from provenanced.config import HEALABLE, PolicySettings
 from provenanced.core.unitpath import USER_TIERS, locate
-from provenanced.fs import atomic
+from provenanced.fs import atomic, quarantine
 from provenanced.fs.facts import FactReader
 from provenanced.model import ExpectedLink, FileFact, FileKind, Finding, UnitDir
 
 
 @dataclass(frozen=True, slots=True)
 class HealOutcome:
-    """What one heal attempt did."""
+    """What one heal attempt did; with ``retry_in`` set it was deferred, nothing touched."""
 
     ok: bool
     detail: str
     quarantined: str | None = None
+    retry_in: float | None = None
 
 
 class HealError(Exception):
     """A heal precondition failed; nothing was touched."""
 
 
+class HealDeferred(HealError):
+    """The file is not quiet yet (someone writes it, or it just changed); nothing was touched."""
+
+    def __init__(self, reason: str, retry_in: float) -> None:
+        super().__init__(reason)
+        self.retry_in = retry_in
+
+
+# A file someone holds open for writing is looked at again this often, at the most.
+_WRITER_RECHECK = 0.5
+
+_Stamp = tuple[int, int, int, int]
+
+
 class Healer:
     """Puts Home Manager's expected link back, after moving whatever was there into quarantine."""
 
     def __init__(self, state_dir: str, home: str) -> None:
-        self.quarantine_root = posixpath.join(state_dir, "quarantine")
+        self.state_dir = posixpath.normpath(state_dir)
+        self.quarantine_root = posixpath.join(self.state_dir, "quarantine")
         self.home = home
         self._reader = FactReader()
+        # path -> (its stat stamp, when first seen so): quiet is measured even if the clock jumps.
+        self._sightings: dict[str, tuple[_Stamp, float]] = {}
 
     @staticmethod
     def wants(finding: Finding, policy: PolicySettings) -> bool:
@@ -52,12 +68,32 @@ class Healer:
         examined: FileFact | None,
         expected: ExpectedLink | None,
         unit_dirs: Iterable[UnitDir],
+        quiet_window: float = 0.0,
     ) -> HealOutcome:
-        """Quarantine the current file (if any) and place the expected link; abort untouched on doubt."""
+        """Quarantine the current file (if any) and place the expected link; abort untouched on doubt.
+
+        A file someone holds open for writing, or that changed within ``quiet_window`` seconds,
+        is left alone and the outcome says when to try again.
+        """
+        outcome = self._attempt(finding, examined, expected, unit_dirs, quiet_window)
+        if outcome.retry_in is None:
+            self._sightings.pop(finding.path, None)
+        return outcome
+
+    def _attempt(
+        self,
+        finding: Finding,
+        examined: FileFact | None,
+        expected: ExpectedLink | None,
+        unit_dirs: Iterable[UnitDir],
+        quiet_window: float,
+    ) -> HealOutcome:
         quarantined: str | None = None
         try:
             self._check(finding.path, examined, expected, unit_dirs)
             assert expected is not None and examined is not None
+            self._wait_for_quiet(finding.path, quiet_window)
+            self._check_unchanged(finding.path, examined)
             quarantined = (
                 self._quarantine(finding, examined)
                 if examined.kind is not FileKind.MISSING
@@ -71,7 +107,14 @@ class Healer:
             return HealOutcome(
                 False, f"not healed: {finding.path} was written again while healing{kept}"
             )
-        except HealError as exc:
+        except HealDeferred as exc:
+            return HealOutcome(False, f"deferred: {exc}", retry_in=exc.retry_in)
+        except quarantine.BusyError as exc:
+            # Someone wrote or opened it while it was being moved; it is back in place.
+            return HealOutcome(
+                False, f"deferred: {exc}", retry_in=max(quiet_window, _WRITER_RECHECK)
+            )
+        except (HealError, quarantine.QuarantineError) as exc:
             return HealOutcome(False, f"not healed: {exc}")
         except OSError as exc:
             return HealOutcome(False, f"not healed: {exc.strerror or exc} ({finding.path})")
@@ -97,6 +140,34 @@ class Healer:
         parent = posixpath.dirname(path)
         if os.path.realpath(parent) != parent:
             raise HealError(f"a parent of {path} is a symlink; refusing to write through it")
+
+    def _wait_for_quiet(self, path: str, window: float) -> None:
+        """Defer while anyone has ``path`` open for writing or it changed in the last ``window`` s."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # nothing there to be written; the identity check says whether that is news
+        quiet = self._quiet_for(path, st)
+        if quiet < window:
+            raise HealDeferred(
+                f"{path} changed {quiet:.1f}s ago; waiting for {window:g}s without changes",
+                window - quiet,
+            )
+        if stat.S_ISREG(st.st_mode) and quarantine.being_written(path, st.st_ino):
+            raise HealDeferred(f"{path} is open for writing", max(window, _WRITER_RECHECK))
+
+    def _quiet_for(self, path: str, st: os.stat_result) -> float:
+        """Seconds ``path`` has not changed: by its ctime, or since we first saw it as it is."""
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        now = time.monotonic()
+        seen = self._sightings.get(path)
+        if seen is None or seen[0] != stamp:
+            seen = self._sightings[path] = (stamp, now)
+        # The kernel sets ctime on every write, truncate, chmod or rename, and nobody can set it
+        # back; a clock stepped backwards makes it look young, and our first sighting bounds that.
+        return max(time.time() - st.st_ctime_ns / 1e9, now - seen[1])
+
+    def _check_unchanged(self, path: str, examined: FileFact) -> None:
         current = self._reader.read(path)
         if (current.kind, current.inode, current.mtime_ns, current.sha256, current.target) != (
             examined.kind,
@@ -108,83 +179,25 @@ class Healer:
             raise HealError(f"{path} changed since it was examined")
 
     def _quarantine(self, finding: Finding, examined: FileFact) -> str:
+        """Move the examined file into quarantine, verified and durable, and write its sidecar."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         relative = posixpath.relpath(finding.path, self.home)
         if relative.startswith(".."):
             relative = finding.path.lstrip("/")
         destination = posixpath.join(self.quarantine_root, stamp, relative)
-        q_dir, q_name = posixpath.split(destination)
-        os.makedirs(q_dir, mode=0o700, exist_ok=True)
-        directory, name = posixpath.split(finding.path)
-        with atomic.open_dir(directory) as src_fd, atomic.open_dir(q_dir) as dst_fd:
-            try:
-                os.rename(name, q_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            except OSError as exc:
-                if exc.errno != 18:  # EXDEV: the state dir is on another file system
-                    raise
-                _move_across(src_fd, name, dst_fd, q_name, examined)
-            os.fsync(dst_fd)
+        sha256 = quarantine.move_into(finding.path, destination, examined, self.state_dir)
         sidecar = {
             "original_path": finding.path,
             "kind": examined.kind.value,
-            "sha256": examined.sha256,
+            "sha256": sha256,
             "mode": oct(examined.mode) if examined.mode is not None else None,
             "uid": examined.uid,
             "target": examined.target,
             "reason": f"{finding.kind.value}: {finding.detail}",
             "quarantined_at": time.time(),
         }
+        q_dir, q_name = posixpath.split(destination)
         atomic.write_file(
             q_dir, f"{q_name}.provenanced.json", json.dumps(sidecar, indent=1).encode()
         )
         return destination
-
-
-def _move_across(src_fd: int, name: str, dst_fd: int, q_name: str, examined: FileFact) -> None:
-    """Quarantine across file systems without ever unlinking a file saved meanwhile.
-
-    The file is first renamed aside in its own directory (atomic), so only the examined inode is
-    copied and unlinked; a version written at ``name`` during the copy is left alone.
-    """
-    aside = f".{name}.{secrets.token_hex(6)}.quarantine"
-    os.rename(name, aside, src_dir_fd=src_fd, dst_dir_fd=src_fd)
-    try:
-        _copy_then_unlink(src_fd, aside, dst_fd, q_name, examined)
-    except BaseException:
-        # Put it back unless something took its place; then it stays aside, intact and visible.
-        with contextlib.suppress(OSError):
-            os.link(aside, name, src_dir_fd=src_fd, dst_dir_fd=src_fd, follow_symlinks=False)
-            os.unlink(aside, dir_fd=src_fd)
-        raise
-
-
-def _copy_then_unlink(src_fd: int, name: str, dst_fd: int, q_name: str, examined: FileFact) -> None:
-    """Cross-device move: the copy is durable in quarantine before the original goes."""
-    st = os.lstat(name, dir_fd=src_fd)
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(name, dir_fd=src_fd), q_name, dir_fd=dst_fd)
-    else:
-        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
-        try:
-            dst = os.open(
-                q_name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=dst_fd,
-            )
-            try:
-                while chunk := os.read(src, 1 << 16):
-                    while chunk:  # os.write may write less than asked
-                        chunk = chunk[os.write(dst, chunk) :]
-                os.fsync(dst)
-            except OSError:
-                # A partial copy (ENOSPC, EIO) must not sit in quarantine posing as the file.
-                with contextlib.suppress(OSError):
-                    os.unlink(q_name, dir_fd=dst_fd)
-                raise
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=src_fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -56,3 +56,10 @@ def create_symlink(directory: str, name: str, target: str) -> None:
     with open_dir(directory) as dfd:
         os.symlink(target, name, dir_fd=dfd)
         os.fsync(dfd)
+
+
+def sync_dirs(directories: Iterable[str]) -> None:
+    """fsync each directory, so the entries in them (new subdirectories too) survive a crash."""
+    for directory in directories:
+        with open_dir(directory) as dfd:
+            os.fsync(dfd)

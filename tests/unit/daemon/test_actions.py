@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -121,6 +122,48 @@ class TestHealer:
         )
         assert outcome.ok and outcome.quarantined is None
         assert os.readlink(path) == str(tree["target"])
+
+    def test_defers_while_a_writer_holds_the_file(self, tree: dict[str, Path]) -> None:
+        """A file someone has open for writing is left alone and tried again later, not dropped."""
+        path = tree["units"] / "web.service"
+        path.write_text("[Service]\n")
+        examined = FactReader().read(str(path))
+        healer = Healer(str(tree["state"]), str(tree["home"]))
+        writer = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            held = healer.heal(finding(path), examined, expected(path, tree["target"]), dirs(tree))
+        finally:
+            os.close(writer)
+        assert not held.ok and held.retry_in is not None and "open for writing" in held.detail
+        assert path.read_text() == "[Service]\n" and not (tree["state"] / "quarantine").exists()
+        closed = healer.heal(finding(path), examined, expected(path, tree["target"]), dirs(tree))
+        assert closed.ok and closed.retry_in is None, closed.detail
+
+    def test_defers_within_the_quiet_window(self, tree: dict[str, Path]) -> None:
+        """A file changed less than the quiet window ago waits out the rest of the window."""
+        path = tree["units"] / "web.service"
+        path.write_text("[Service]\n")
+        outcome = Healer(str(tree["state"]), str(tree["home"])).heal(
+            finding(path),
+            FactReader().read(str(path)),
+            expected(path, tree["target"]),
+            dirs(tree),
+            quiet_window=60.0,
+        )
+        assert not outcome.ok and outcome.retry_in is not None and 0 < outcome.retry_in <= 60
+        assert "waiting for 60s without changes" in outcome.detail
+        assert path.read_text() == "[Service]\n" and not (tree["state"] / "quarantine").exists()
+
+    def test_sidecar_records_the_hash_of_the_quarantined_bytes(self, tree: dict[str, Path]) -> None:
+        """The sidecar's sha256 is the hash of exactly the file in quarantine."""
+        path = tree["units"] / "web.service"
+        path.write_bytes(b"[Service]\nExecStart=/bin/false\n")
+        outcome = Healer(str(tree["state"]), str(tree["home"])).heal(
+            finding(path), FactReader().read(str(path)), expected(path, tree["target"]), dirs(tree)
+        )
+        assert outcome.ok and outcome.quarantined is not None, outcome.detail
+        meta = json.loads(Path(outcome.quarantined + ".provenanced.json").read_text())
+        assert meta["sha256"] == hashlib.sha256(Path(outcome.quarantined).read_bytes()).hexdigest()
 
     @pytest.mark.parametrize(
         ("kind", "mode", "wanted"),
