@@ -14,7 +14,7 @@ import json
 import struct
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any, TypeVar
 
@@ -73,14 +73,25 @@ def to_wire(value: Any) -> Any:
     return value
 
 
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+Decoder = Callable[[Any], Any]
+
+
+class _Bad(Exception):
+    """A value that is not what its annotation says; ``path`` grows as it climbs out."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []
 
 
 def from_wire(kind: type[T], data: Any, where: str = "value") -> T:
     """Decode ``data`` as ``kind``, checking every field; WireError names the first bad one."""
-    return typing.cast(T, _decode(kind, data, where))
+    try:
+        # Type objects and generic aliases hash fine; typeshed's type[T] just does not say so.
+        return typing.cast(T, _decoder(typing.cast(Any, kind))(data))
+    except _Bad as bad:
+        raise WireError(f"{where}{''.join(bad.path)}: {bad.message}") from None
 
 
 def optional_from_wire(kind: type[T], data: Any, where: str = "value") -> T | None:
@@ -88,59 +99,117 @@ def optional_from_wire(kind: type[T], data: Any, where: str = "value") -> T | No
     return None if data is None else from_wire(kind, data, where)
 
 
-def _decode(kind: Any, data: Any, where: str) -> Any:
-    origin = typing.get_origin(kind)
-    args = typing.get_args(kind)
+@cache
+def _decoder(kind: Any) -> Decoder:
+    """A checking decoder for one annotation, built once: replies hold thousands of facts."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        for option in args:
+        return _union(kind, [_decoder(a) for a in args])
+    if origin is typing.Literal:
+        return _check(kind, lambda data: data in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _sequence(_decoder(args[0]))
+    if origin in (Mapping, dict) and args and args[0] is str:
+        return _mapping(_decoder(args[1]))
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return _enum(kind)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return _dataclass(kind)
+    if kind is float:
+        return _check(kind, lambda data: type(data) in (int, float), float)
+    if kind in (str, int, bool, type(None)):
+        # Exact types: bool is an int in Python, never on the wire.
+        return _check(kind, lambda data: type(data) is kind)
+    raise TypeError(f"{kind} cannot cross the wire")
+
+
+def _check(
+    kind: Any, accepts: Callable[[Any], bool], convert: Callable[[Any], Any] | None = None
+) -> Decoder:
+    def decode(data: Any) -> Any:
+        if not accepts(data):
+            raise _Bad(f"{data!r:.80} is not a {kind}")
+        return data if convert is None else convert(data)
+
+    return decode
+
+
+def _union(kind: Any, options: list[Decoder]) -> Decoder:
+    def decode(data: Any) -> Any:
+        for option in options:
             try:
-                return _decode(option, data, where)
-            except WireError:
+                return option(data)
+            except _Bad:
                 continue
-        raise WireError(f"{where}: {data!r:.80} is none of {kind}")
-    if kind is type(None):
-        if data is None:
-            return None
-    elif origin is typing.Literal:
-        if data in args:
-            return data
-    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if isinstance(data, list):
-            return tuple(_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
-    elif origin in (Mapping, dict) and args and args[0] is str:
-        if isinstance(data, dict):
-            return frozen_map({k: _decode(args[1], v, f"{where}[{k!r}]") for k, v in data.items()})
-    elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+        raise _Bad(f"{data!r:.80} is none of {kind}")
+
+    return decode
+
+
+def _enum(kind: type[enum.Enum]) -> Decoder:
+    def decode(data: Any) -> Any:
         try:
             return kind(data)
         except ValueError:
-            pass
-    elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
-        return _decode_dataclass(kind, data, where)
-    elif kind is float:
-        if isinstance(data, int | float) and not isinstance(data, bool):
-            return float(data)
-    elif kind in (str, int, bool):
-        # bool is an int in Python, never on the wire.
-        if type(data) is kind:
-            return data
-    else:
-        raise WireError(f"{where}: {kind} cannot cross the wire")
-    raise WireError(f"{where}: {data!r:.80} is not a {kind}")
+            raise _Bad(f"{data!r:.80} is not a {kind.__name__}") from None
+
+    return decode
 
 
-def _decode_dataclass(kind: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise WireError(f"{where}: expected an object for {kind.__name__}")
-    hints = _hints(kind)
-    fields = {f.name: f for f in dataclasses.fields(kind) if f.init}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise WireError(f"{where}: unknown fields {sorted(unknown)} for {kind.__name__}")
-    values = {
-        name: _decode(hints[name], data[name], f"{where}.{name}") for name in fields if name in data
-    }
-    try:
-        return kind(**values)
-    except TypeError as exc:  # a required field is missing
-        raise WireError(f"{where}: {exc}") from None
+def _sequence(item: Decoder) -> Decoder:
+    def decode(data: Any) -> Any:
+        if not isinstance(data, list):
+            raise _Bad(f"expected a list, got {type(data).__name__}")
+        values = []
+        for index, value in enumerate(data):
+            try:
+                values.append(item(value))
+            except _Bad as bad:
+                bad.path.insert(0, f"[{index}]")
+                raise
+        return tuple(values)
+
+    return decode
+
+
+def _mapping(item: Decoder) -> Decoder:
+    def decode(data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise _Bad(f"expected an object, got {type(data).__name__}")
+        values = {}
+        for key, value in data.items():
+            try:
+                values[key] = item(value)
+            except _Bad as bad:
+                bad.path.insert(0, f"[{key!r:.80}]")
+                raise
+        return frozen_map(values)
+
+    return decode
+
+
+def _dataclass(kind: type) -> Decoder:
+    hints = typing.get_type_hints(kind)
+    fields = [(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(kind) if f.init]
+    names = frozenset(name for name, _ in fields)
+
+    def decode(data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise _Bad(f"expected an object for {kind.__name__}")
+        unknown = data.keys() - names
+        if unknown:
+            raise _Bad(f"unknown fields {sorted(unknown)!r:.200} for {kind.__name__}")
+        values = {}
+        for name, field in fields:
+            if name in data:
+                try:
+                    values[name] = field(data[name])
+                except _Bad as bad:
+                    bad.path.insert(0, f".{name}")
+                    raise
+        try:
+            return kind(**values)
+        except TypeError as exc:  # a required field is missing
+            raise _Bad(str(exc)) from None
+
+    return decode
