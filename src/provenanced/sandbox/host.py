@@ -187,13 +187,18 @@ class HostSandbox:
         if self._stopped:
             raise SandboxError("this host sandbox was stopped; create a new one")
         account = create_account(self.homes)
-        user = UserSandbox(
-            account,
-            self.root / "users" / account.name,
-            self.runtime_root,
-            self.store,
-            timeout=self.timeout,
-        )
+        try:
+            user = UserSandbox(
+                account,
+                self.root / "users" / account.name,
+                self.runtime_root,
+                self.store,
+                timeout=self.timeout,
+            )
+        except BaseException:
+            remove_account(account)
+            raise
+        # From here on stop() removes the account, whatever fails next.
         self.users.append(user)
         user.install_home_manager(files)
         if boot:
@@ -209,7 +214,7 @@ class HostSandbox:
             self.users.remove(user)
 
     def stop(self) -> None:
-        """Stop every manager, delete every account and the tree; idempotent, never partial."""
+        """Stop every manager, delete every account and the tree; idempotent, goes on past errors."""
         if self._stopped:
             return
         self._stopped = True
