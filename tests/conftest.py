@@ -12,7 +12,9 @@ import pytest
 from provenanced.sandbox import (
     BOOTED_MARKER,
     JOURNALD_BINARY,
+    SYSTEM_PATH,
     SYSTEMD_BINARY,
+    HostSandbox,
     Journald,
     Sandbox,
     ensure_journald,
@@ -21,6 +23,7 @@ from provenanced.sandbox import (
 
 _MANAGER_MARKERS = frozenset({"integration", "fault", "e2e"})
 _E2E_MARKERS = frozenset({"e2e"})
+_HOST_MARKERS = frozenset({"host"})
 _DBUS_SOCKET_UNITS = ("/usr/lib/systemd/user/dbus.socket", "/lib/systemd/user/dbus.socket")
 
 
@@ -40,6 +43,12 @@ def _journald_usable() -> bool:
     return os.geteuid() == 0 and os.access(JOURNALD_BINARY, os.X_OK)
 
 
+def _can_create_accounts() -> bool:
+    """Real accounts need root and the passwd tools; their managers need setpriv."""
+    tools = ("useradd", "userdel", "setpriv")
+    return os.geteuid() == 0 and all(shutil.which(t, path=SYSTEM_PATH) for t in tools)
+
+
 _PARTS = (
     _Part(
         f"systemd ({SYSTEMD_BINARY})", lambda: os.access(SYSTEMD_BINARY, os.X_OK), _MANAGER_MARKERS
@@ -57,6 +66,7 @@ _PARTS = (
     ),
     _Part(f"systemd-journald ({JOURNALD_BINARY}, run as root)", _journald_usable, _MANAGER_MARKERS),
     _Part("journalctl on PATH", lambda: shutil.which("journalctl") is not None, _MANAGER_MARKERS),
+    _Part("root with useradd, userdel and setpriv", _can_create_accounts, _HOST_MARKERS),
     _Part(
         "promtool on PATH (Debian: prometheus)",
         lambda: shutil.which("promtool") is not None,
@@ -130,3 +140,13 @@ def sandbox() -> Iterator[Sandbox]:
 def fresh_sandbox() -> Iterator[Sandbox]:
     """A user manager of its own for a test that changes or breaks it."""
     yield from _booted_with_home_manager()
+
+
+@pytest.fixture(scope="module")
+def host_sandbox() -> Iterator[HostSandbox]:
+    """One root for real accounts per test module; each test adds the users it needs."""
+    host = HostSandbox()
+    try:
+        yield host
+    finally:
+        host.stop()

@@ -12,7 +12,9 @@ from provenanced.sandbox._proc import (
     SYSTEMD_BINARY,
     SandboxError,
 )
+from provenanced.sandbox.accounts import Account
 from provenanced.sandbox.homemanager import Generation, activate, build_generation, example_units
+from provenanced.sandbox.host import HostSandbox, UserSandbox
 from provenanced.sandbox.journald import Journald, ensure_journald, journald_listening
 from provenanced.sandbox.manager import Sandbox, boot
 
@@ -23,10 +25,13 @@ __all__ = [
     "SANDBOX_MARKER",
     "SYSTEMD_BINARY",
     "SYSTEM_PATH",
+    "Account",
     "Generation",
+    "HostSandbox",
     "Journald",
     "Sandbox",
     "SandboxError",
+    "UserSandbox",
     "activate",
     "boot",
     "build_generation",

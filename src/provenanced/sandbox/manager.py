@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from provenanced.sandbox._proc import (
     _CALL_TIMEOUT,
@@ -196,9 +197,20 @@ class Sandbox:
             return []  # an unprivileged caller shares cgroups; concurrent sandboxes may clash
         return cgroups
 
+    def _manager_command(self) -> list[str]:
+        """What finally runs as the manager; a real user's sandbox drops to that user first."""
+        return [str(self.systemd_binary), "--user"]
+
+    def _run_as(self) -> dict[str, Any]:
+        """Credentials for the commands run against the manager (`subprocess` keywords)."""
+        return {}
+
+    def _own_home(self) -> None:
+        """Give what was just written in HOME to its owner; the caller owns it already here."""
+
     def _manager_argv(self) -> list[str]:
         """The manager's command line, behind the cgroup-joining launcher when we have cgroups."""
-        argv = [str(self.systemd_binary), "--user"]
+        argv = self._manager_command()
         if not self._cgroups:
             return argv
         procs = [str(cgroup / "cgroup.procs") for cgroup in self._cgroups]
@@ -315,6 +327,7 @@ class Sandbox:
                 text=True,
                 timeout=timeout,
                 check=False,
+                **self._run_as(),
             )
         except subprocess.TimeoutExpired as exc:
             raise SandboxError(f"{' '.join(argv)} timed out after {timeout}s") from exc
@@ -339,6 +352,7 @@ class Sandbox:
         """Build and activate a Home Manager generation, then reload a running manager."""
         gen = build_generation(self.store, example_units() if files is None else files)
         activate(self.home, gen)
+        self._own_home()
         self.generation = gen
         if self.running:
             self.daemon_reload()
