@@ -206,7 +206,10 @@ def _same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
         return False
     if fact.kind is FileKind.SYMLINK:
         return fact.target == base.target
-    return fact.sha256 == base.sha256
+    if fact.error is not None:
+        return False  # content not read (too large, unreadable): nothing can vouch for it
+    # No hash and no error: a name the manager never reads, so only its presence counts.
+    return fact.sha256 is None or fact.sha256 == base.sha256
 
 
 def _dangling_detail(fact: FileFact) -> str:
@@ -218,6 +221,16 @@ def _dangling_detail(fact: FileFact) -> str:
 
 def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
+
+
+def _content(fact: FileFact) -> str:
+    """The short hash of a file, or why it has none."""
+    return f"unknown, {fact.error}" if fact.sha256 is None and fact.error else _short(fact.sha256)
+
+
+def _unread(fact: FileFact) -> str:
+    """A detail's note that the file's content could not be read, and why."""
+    return f"; its content is unknown: {fact.error}" if fact.sha256 is None and fact.error else ""
 
 
 def _check_missing(ctx: _Context, path: str, unit: str) -> Iterator[Finding]:
@@ -292,7 +305,7 @@ def _check_expected(
             unit,
             path,
             f"{state}: a regular file with {what} the managed target {expected.target} "
-            f"(sha256 {_short(fact.sha256)}, expected {_short(expected.sha256)})",
+            f"(sha256 {_content(fact)}, expected {_short(expected.sha256)})",
         )
     elif fact.kind is FileKind.SYMLINK:
         if fact.dangling:
@@ -356,9 +369,10 @@ def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -
                 K.LINK_REPLACED,
                 unit,
                 path,
-                f"{state}: a regular file where the accepted baseline had a managed link to {base.target}",
+                f"{state}: a regular file where the accepted baseline had a managed link to "
+                f"{base.target}{_unread(fact)}",
             )
-        elif base is not None:
+        elif base is not None and not fact.error:
             yield _finding(
                 _unmanaged_kind(loc),
                 unit,
@@ -371,7 +385,7 @@ def _check_unexpected(ctx: _Context, loc: Location, path: str, fact: FileFact) -
                 unit,
                 path,
                 f"a file in the {loc.unit_dir.tier.value} tier that neither Home Manager, a managed root "
-                "nor the accepted baseline vouches for",
+                f"nor the accepted baseline vouches for{_unread(fact)}",
             )
 
 
@@ -411,7 +425,8 @@ def _check_unexpected_link(
         _unmanaged_kind(loc),
         unit,
         path,
-        f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it",
+        f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it"
+        f"{_unread(fact)}",
     )
 
 
