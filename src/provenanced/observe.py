@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -97,7 +98,13 @@ class Observer:
         """
         unit_dirs = await self.unit_dirs()
         generation = (
-            homemanager.read_generation(self.dirs.home, unit_dirs, self.facts, known_generation)
+            await asyncio.to_thread(
+                homemanager.read_generation,
+                self.dirs.home,
+                unit_dirs,
+                self.facts,
+                known_generation,
+            )
             if self.read_home_manager
             else homemanager.Generation(None, None, {})
         )
@@ -111,7 +118,7 @@ class Observer:
         records = await manager.get_unit_records(
             self.conn, [n for n in names if matches(n, patterns)]
         )
-        facts = self.read_facts(records.values(), scanned, generation.links)
+        facts = await self.read_facts(records.values(), scanned, generation.links)
         obs = Observation(
             units=frozen_map(records),
             facts=frozen_map(facts),
@@ -122,14 +129,18 @@ class Observer:
         )
         return obs, generation
 
-    def read_facts(
+    async def read_facts(
         self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
     ) -> dict[str, FileFact]:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
         for record in records:
             paths.update(record.definition_paths)
-        return self.facts.read_many(sorted(paths))
+        return await self.read_paths(paths)
+
+    async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
+        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
+        return await asyncio.to_thread(self.facts.read_many, sorted(paths))
 
     def expectations(
         self,

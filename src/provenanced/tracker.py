@@ -104,7 +104,7 @@ class Tracker:
                 paths |= inside
                 scanned -= inside
         facts = dict(obs.facts)
-        facts.update(observer.facts.read_many(paths))
+        facts.update(await observer.read_paths(paths))
         gone = {name for name, removed in names.items() if removed}
         affected = {name for name, removed in names.items() if not removed}
         for path in paths:
@@ -132,7 +132,7 @@ class Tracker:
             self._loaded_hashes.pop(name, None)
         affected -= gone
         records = await manager.get_unit_records(observer.conn, sorted(affected))
-        facts.update(observer.read_facts(records.values(), (), ()))
+        facts.update(await observer.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
         paths.update(p for record in records.values() for p in record.definition_paths)
         for name in affected:
