@@ -523,6 +523,12 @@ class Engine:
                 if any("NeedDaemonReload" in f.detail for f in stale)
                 else "content-hash"
             )
+            oversized = self.tracker.oversized_definitions()
+            if oversized:
+                # The manager would read every one of them; wait for the next change instead.
+                self.telemetry.record_reload(trigger, "deferred")
+                log.warning("reload.refused", trigger=trigger, oversized=oversized)
+                continue
             try:
                 allowed = await self._reload_gate.may_reload(conn, time.time())
                 if allowed:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from provenanced.errors import ProvenancedError
 from provenanced.expect import homemanager
 from provenanced.fs.facts import FactReader, scan_unit_dir
 from provenanced.model import (
+    UNIT_FILE_MAX,
     BaselineEntry,
     Expectations,
     FileFact,
@@ -21,6 +24,7 @@ from provenanced.model import (
 )
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
+from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
 from provenanced.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
 
 
@@ -48,17 +52,33 @@ def scan_files(unit_dirs: Iterable[UnitDir]) -> tuple[str, ...]:
     )
 
 
-def _unloaded_fragments(
-    files: Iterable[str], unit_dirs: Sequence[UnitDir], loaded: Iterable[str]
-) -> set[str]:
-    by_path = {d.path: d for d in unit_dirs}
-    names = set()
-    for path in files:
-        loc = locate(path, by_path)
-        # Templates cannot be loaded by name; their instances are loaded on use.
-        if loc is not None and loc.is_fragment and not loc.unit.split(".")[0].endswith("@"):
-            names.add(loc.unit)
-    return names - set(loaded)
+def _definition_candidates(name: str, unit_dirs: Iterable[UnitDir]) -> Iterable[str]:
+    """Every file the manager would read to load ``name``: fragments and drop-ins, any tier."""
+    fragments = [name, *filter(None, [template_of(name)])]
+    dropin_dirs = dropin_dirs_for(name) if is_valid_unit_name(name) else ()
+    for unit_dir in unit_dirs:
+        yield from (posixpath.join(unit_dir.path, f) for f in fragments)
+        for dropin_dir in dropin_dirs:
+            directory = posixpath.join(unit_dir.path, dropin_dir)
+            try:
+                entries = os.listdir(directory)
+            except OSError:
+                continue
+            yield from (posixpath.join(directory, e) for e in entries if e.endswith(".conf"))
+
+
+def _check_loadable(name: str, unit_dirs: Iterable[UnitDir]) -> None:
+    """Refuse to have the manager load ``name`` when a file it would read is over the cap."""
+    for path in _definition_candidates(name, unit_dirs):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            continue
+        if size > UNIT_FILE_MAX:
+            raise ProvenancedError(
+                f"will not load {name}: {path} is {size} bytes, "
+                f"over the {UNIT_FILE_MAX}-byte cap for a unit file"
+            )
 
 
 @dataclass(slots=True)
@@ -94,6 +114,7 @@ class Observer:
     ) -> tuple[Observation, homemanager.Generation]:
         """A full observation: every loaded unit, every audited file, Home Manager's links.
 
+        ``load``: units to load first if the manager has not (an explicit request, as ``show``).
         ``known_generation``: the generation read last time, kept if the gcroot still leads there.
         """
         unit_dirs = await self.unit_dirs()
@@ -109,12 +130,14 @@ class Observer:
             else homemanager.Generation(None, None, {})
         )
         scanned = scan_files(unit_dirs)
+        # Only units the manager holds already are read: loading one makes it read the files,
+        # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
-        expected_names = _unloaded_fragments((*scanned, *generation.links), unit_dirs, names)
-        expected_names.update(set(load) - set(names))
-        for name in sorted(expected_names):
+        unloaded = sorted(set(load) - set(names))
+        for name in unloaded:
+            _check_loadable(name, unit_dirs)
             await manager.load_unit(self.conn, name)
-        names = sorted({*names, *expected_names})
+        names = sorted({*names, *unloaded})
         records = await manager.get_unit_records(
             self.conn, [n for n in names if matches(n, patterns)]
         )

@@ -19,6 +19,7 @@ from provenanced.model import (
 )
 from provenanced.observe import Observer
 from provenanced.systemd import manager
+from provenanced.systemd.names import could_define_unit
 from provenanced.unitpath import AUDITED_TIERS, locate
 
 # What a partial re-read changed: the paths (facts or scan) and the units (records or hashes).
@@ -115,15 +116,8 @@ class Tracker:
                     scanned.add(path)
                 else:
                     scanned.discard(path)
+            # A unit file nothing loaded is judged from disk alone; the manager is not asked.
             affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
-            if (
-                loc is not None
-                and loc.is_fragment
-                and loc.unit not in obs.units
-                and fact.kind is not FileKind.MISSING
-            ):
-                await manager.load_unit(observer.conn, loc.unit)
-                affected.add(loc.unit)
         units = dict(obs.units)
         for name in gone - affected:
             old = units.pop(name, None)
@@ -152,6 +146,20 @@ class Tracker:
             loaded_hashes=frozen_map(self._loaded_hashes),
         )
         return obs, (paths, affected | gone)
+
+    def oversized_definitions(self) -> list[str]:
+        """Files over the cap that a daemon-reload would have the manager read for a loaded unit."""
+        obs = self.obs
+        if obs is None:
+            return []
+        dirs = {d.path: d for d in obs.unit_dirs}
+        return sorted(
+            path
+            for path, fact in obs.facts.items()
+            if fact.oversized
+            and could_define_unit(path)
+            and any(name in obs.units for name in self._index.affected(path, dirs))
+        )
 
     def judge(self, obs: Observation, changed: Changed | None = None) -> tuple[Finding, ...]:
         """The findings of ``obs``: in full, or re-judging only what ``changed`` since the last."""
