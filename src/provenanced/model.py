@@ -65,6 +65,12 @@ class FindingKind(StrEnum):
     UNSAFE_MODE = "unsafe-mode"
 
 
+# The largest unit file or drop-in provenanced hashes or has the manager load. systemd caps a
+# line at LONG_LINE_MAX (1 MiB, src/basic/fileio.h) but not a file: config_parse()
+# (src/shared/conf-parser.c) reads to the end, and a NUL ends a line (categorize_eol() in
+# src/basic/fileio.c), so a sparse 1 GiB file is a billion lines. Real units are a few KiB.
+UNIT_FILE_MAX = 1 << 20
+
 Severity = Literal["critical", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "warning", "info")
 
@@ -118,6 +124,15 @@ class FileFact:
     def dangling(self) -> bool:
         """A symlink whose target does not exist (or cannot be resolved)."""
         return self.kind is FileKind.SYMLINK and self.resolved is None
+
+    @property
+    def oversized(self) -> bool:
+        """A file, or a link's target, larger than any sane unit file (``UNIT_FILE_MAX``)."""
+        return (
+            self.kind in (FileKind.FILE, FileKind.SYMLINK)
+            and self.size is not None
+            and self.size > UNIT_FILE_MAX
+        )
 
     @property
     def masked(self) -> bool:

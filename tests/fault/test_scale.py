@@ -23,13 +23,20 @@ PEAK_RSS_LIMIT = 512 * 1024 * 1024
 def big_sandbox() -> Iterator[Sandbox]:
     """A manager over a Home Manager generation of 10,000 small services."""
     sandbox = Sandbox()
+    names = [f"unit-{i:05d}.service" for i in range(UNITS)]
+    # Ordered after default.target's drop-in, the manager loads every unit at boot without
+    # starting one, as it would units a real configuration references (provenanced never does).
+    ordering = "".join(f"After={' '.join(names[i : i + 100])}\n" for i in range(0, UNITS, 100))
     try:
         sandbox.install_home_manager(
             {
-                f".config/systemd/user/unit-{i:05d}.service": (
-                    f"[Unit]\nDescription=generated unit {i}\n[Service]\nExecStart=/bin/true\n"
-                )
-                for i in range(UNITS)
+                **{
+                    f".config/systemd/user/{name}": (
+                        f"[Unit]\nDescription=generated unit {i}\n[Service]\nExecStart=/bin/true\n"
+                    )
+                    for i, name in enumerate(names)
+                },
+                ".config/systemd/user/default.target.d/scale.conf": f"[Unit]\n{ordering}",
             }
         )
         sandbox.start()

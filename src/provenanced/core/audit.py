@@ -142,6 +142,16 @@ def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
 
 
+def _content(fact: FileFact) -> str:
+    """The short hash of a file, or why it has none."""
+    return f"unknown, {fact.error}" if fact.sha256 is None and fact.error else _short(fact.sha256)
+
+
+def _unread(fact: FileFact) -> str:
+    """A detail's note that the file's content could not be read, and why."""
+    return f"; its content is unknown: {fact.error}" if fact.sha256 is None and fact.error else ""
+
+
 def _check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
     expected = judge.exp.home_manager_links.get(path)
     if expected is not None:
@@ -214,7 +224,7 @@ def _check_expected(
             unit,
             path,
             f"{state}: a regular file with {what} the managed target {expected.target} "
-            f"(sha256 {_short(fact.sha256)}, expected {_short(expected.sha256)})",
+            f"(sha256 {_content(fact)}, expected {_short(expected.sha256)})",
         )
     elif fact.kind is FileKind.SYMLINK:
         if fact.dangling:
@@ -280,9 +290,10 @@ def _check_unexpected(
                 K.LINK_REPLACED,
                 unit,
                 path,
-                f"{state}: a regular file where the accepted baseline had a managed link to {base.target}",
+                f"{state}: a regular file where the accepted baseline had a managed link to "
+                f"{base.target}{_unread(fact)}",
             )
-        elif base is not None:
+        elif base is not None and not fact.error:
             yield _finding(
                 _unmanaged_kind(loc),
                 unit,
@@ -295,7 +306,7 @@ def _check_unexpected(
                 unit,
                 path,
                 f"a file in the {loc.unit_dir.tier.value} tier that neither Home Manager, a managed root "
-                "nor the accepted baseline vouches for",
+                f"nor the accepted baseline vouches for{_unread(fact)}",
             )
 
 
@@ -340,7 +351,8 @@ def _check_unexpected_link(
         _unmanaged_kind(loc),
         unit,
         path,
-        f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it",
+        f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it"
+        f"{_unread(fact)}",
     )
 
 

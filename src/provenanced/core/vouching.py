@@ -111,4 +111,7 @@ def same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
         return False
     if fact.kind is FileKind.SYMLINK:
         return fact.target == base.target
-    return fact.sha256 == base.sha256
+    if fact.error is not None:
+        return False  # content not read (too large, unreadable): nothing can vouch for it
+    # No hash and no error: a name the manager never reads, so only its presence counts.
+    return fact.sha256 is None or fact.sha256 == base.sha256

@@ -11,15 +11,17 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from provenanced.config import PolicySettings
+from provenanced.core.index import PathIndex
 from provenanced.core.state import AuditState
 from provenanced.core.transitions import Key
 from provenanced.daemon.heal import Healer, HealOutcome
 from provenanced.errors import ManagerCallError
-from provenanced.model import FileFact, Finding, FindingKind
+from provenanced.model import FileFact, Finding, FindingKind, Observation
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
+from provenanced.systemd.names import could_define_unit
 
 log = structlog.get_logger("provenanced.actions")
 
@@ -33,6 +35,18 @@ def _identity(fact: FileFact | None) -> _FileIdentity:
     if fact is None:
         return None
     return (fact.kind, fact.inode, fact.mtime_ns, fact.sha256, fact.target)
+
+
+def oversized_definitions(obs: Observation | None) -> list[str]:
+    """Files over the cap that a daemon-reload would have the manager read for a loaded unit."""
+    if obs is None:
+        return []
+    oversized = [p for p, f in obs.facts.items() if f.oversized and could_define_unit(p)]
+    if not oversized:
+        return []
+    dirs = {d.path: d for d in obs.unit_dirs}
+    index = PathIndex.build(obs.units.values())
+    return sorted(p for p in oversized if any(n in obs.units for n in index.affected(p, dirs)))
 
 
 class ReloadGate:
@@ -164,6 +178,12 @@ class Actions:
                 if any("NeedDaemonReload" in f.detail for f in stale)
                 else "content-hash"
             )
+            oversized = oversized_definitions(state.observation)
+            if oversized:
+                # The manager would read every one of them; wait for the next change instead.
+                self._telemetry.record_reload(trigger, "deferred")
+                log.warning("reload.refused", trigger=trigger, oversized=oversized)
+                continue
             try:
                 allowed = await self.gate.may_reload(conn, time.time())
                 if allowed:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -11,9 +13,11 @@ from provenanced.core.index import PathIndex
 from provenanced.core.state import Reading, Touched
 from provenanced.core.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
 from provenanced.daemon.changes import Change, FullResync, PathChanged, UnitChanged
+from provenanced.errors import ProvenancedError
 from provenanced.expect.generation import read_generation
 from provenanced.fs.facts import FactReader, scan_unit_dir
 from provenanced.model import (
+    UNIT_FILE_MAX,
     FileFact,
     FileKind,
     HomeManagerGeneration,
@@ -24,6 +28,7 @@ from provenanced.model import (
 )
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
+from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
 
 
 def user_dirs(env: Mapping[str, str]) -> UserDirs:
@@ -50,17 +55,33 @@ def scan_files(unit_dirs: Iterable[UnitDir]) -> tuple[str, ...]:
     )
 
 
-def _unloaded_fragments(
-    files: Iterable[str], unit_dirs: Sequence[UnitDir], loaded: Iterable[str]
-) -> set[str]:
-    by_path = {d.path: d for d in unit_dirs}
-    names = set()
-    for path in files:
-        loc = locate(path, by_path)
-        # Templates cannot be loaded by name; their instances are loaded on use.
-        if loc is not None and loc.is_fragment and not loc.unit.split(".")[0].endswith("@"):
-            names.add(loc.unit)
-    return names - set(loaded)
+def _definition_candidates(name: str, unit_dirs: Iterable[UnitDir]) -> Iterable[str]:
+    """Every file the manager would read to load ``name``: fragments and drop-ins, any tier."""
+    fragments = [name, *filter(None, [template_of(name)])]
+    dropin_dirs = dropin_dirs_for(name) if is_valid_unit_name(name) else ()
+    for unit_dir in unit_dirs:
+        yield from (posixpath.join(unit_dir.path, f) for f in fragments)
+        for dropin_dir in dropin_dirs:
+            directory = posixpath.join(unit_dir.path, dropin_dir)
+            try:
+                entries = os.listdir(directory)
+            except OSError:
+                continue
+            yield from (posixpath.join(directory, e) for e in entries if e.endswith(".conf"))
+
+
+def _check_loadable(name: str, unit_dirs: Iterable[UnitDir]) -> None:
+    """Refuse to have the manager load ``name`` when a file it would read is over the cap."""
+    for path in _definition_candidates(name, unit_dirs):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            continue
+        if size > UNIT_FILE_MAX:
+            raise ProvenancedError(
+                f"will not load {name}: {path} is {size} bytes, "
+                f"over the {UNIT_FILE_MAX}-byte cap for a unit file"
+            )
 
 
 class _UnitDirChanged(Exception):
@@ -97,23 +118,25 @@ class Observer:
         """
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
-            self._generation = read_generation(
-                self.dirs.home, unit_dirs, self.reader, self._generation
+            self._generation = await asyncio.to_thread(
+                read_generation, self.dirs.home, unit_dirs, self.reader, self._generation
             )
         else:
             self._generation = HomeManagerGeneration()
         generation = self._generation
         scanned = scan_files(unit_dirs)
+        # Only units the manager holds already are read: loading one makes it read the files,
+        # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
-        expected_names = _unloaded_fragments((*scanned, *generation.links), unit_dirs, names)
-        expected_names.update(set(load) - set(names))
-        for name in sorted(expected_names):
+        unloaded = sorted(set(load) - set(names))
+        for name in unloaded:
+            _check_loadable(name, unit_dirs)
             await manager.load_unit(self.conn, name)
-        names = sorted({*names, *expected_names})
+        names = sorted({*names, *unloaded})
         records = await manager.get_unit_records(
             self.conn, [n for n in names if matches(n, patterns)]
         )
-        facts = self.read_facts(records.values(), scanned, generation.links)
+        facts = await self.read_facts(records.values(), scanned, generation.links)
         obs = Observation(
             units=frozen_map(records),
             facts=frozen_map(facts),
@@ -155,7 +178,7 @@ class Observer:
                 paths |= inside
                 scanned -= inside
         facts = dict(obs.facts)
-        facts.update(self.reader.read_many(paths))
+        facts.update(await self.read_paths(paths))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
@@ -168,15 +191,8 @@ class Observer:
                     scanned.add(path)
                 else:
                     scanned.discard(path)
+            # A unit file nothing loaded is judged from disk alone; the manager is not asked.
             affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
-            if (
-                loc is not None
-                and loc.is_fragment
-                and loc.unit not in obs.units
-                and fact.kind is not FileKind.MISSING
-            ):
-                await manager.load_unit(self.conn, loc.unit)
-                affected.add(loc.unit)
         units = dict(obs.units)
         for name in unloaded - affected:
             old = units.pop(name, None)
@@ -184,7 +200,7 @@ class Observer:
                 self._index.remove(old)
         affected -= unloaded
         records = await manager.get_unit_records(self.conn, sorted(affected))
-        facts.update(self.read_facts(records.values(), (), ()))
+        facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
         paths.update(p for record in records.values() for p in record.definition_paths)
         for name in affected:
@@ -200,14 +216,18 @@ class Observer:
         self._indexed = obs.units
         return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
 
-    def read_facts(
+    async def read_facts(
         self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
     ) -> dict[str, FileFact]:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
         for record in records:
             paths.update(record.definition_paths)
-        return self.reader.read_many(sorted(paths))
+        return await self.read_paths(paths)
+
+    async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
+        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
+        return await asyncio.to_thread(self.reader.read_many, sorted(paths))
 
 
 def baseline_facts(obs: Observation) -> list[FileFact]:

@@ -10,7 +10,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from provenanced.model import FileFact, FileKind
+from provenanced.model import UNIT_FILE_MAX, FileFact, FileKind
+from provenanced.systemd.names import could_define_unit
 
 _CHUNK = 1 << 16
 # Opening a FIFO or device must not block the reader; O_NOFOLLOW refuses a swapped-in link.
@@ -22,7 +23,11 @@ _HashKey = tuple[int, int, int, int, int]
 
 
 class FactReader:
-    """Reads ``FileFact``s, caching content hashes by inode identity so unchanged files hash once."""
+    """Reads ``FileFact``s, caching content hashes by inode identity so unchanged files hash once.
+
+    Only what the manager could read as a unit file or drop-in is hashed, and at most
+    ``UNIT_FILE_MAX`` bytes of it: a larger file is a fact with ``error`` saying so.
+    """
 
     def __init__(self) -> None:
         self._hashes: dict[str, tuple[_HashKey, str]] = {}
@@ -40,7 +45,7 @@ class FactReader:
         if stat.S_ISLNK(st.st_mode):
             return self._read_link(path, st)
         if stat.S_ISREG(st.st_mode):
-            sha, error = self._hash(path, st)
+            sha, error = self._hash(path, path, st)
             fact = _fact(path, FileKind.FILE, st, st, sha=sha, error=error)
             real = _real_path(path)
             return fact if real is None else replace(fact, real_path=real)
@@ -64,7 +69,7 @@ class FactReader:
             return _fact(path, FileKind.SYMLINK, st, None, target=target, error=error)
         sha, error = (None, None)
         if stat.S_ISREG(target_st.st_mode):
-            sha, error = self._hash(resolved, target_st)
+            sha, error = self._hash(path, resolved, target_st)
         return _fact(
             path,
             FileKind.SYMLINK,
@@ -76,7 +81,12 @@ class FactReader:
             error=error,
         )
 
-    def _hash(self, path: str, st: os.stat_result) -> tuple[str | None, str | None]:
+    def _hash(self, name: str, path: str, st: os.stat_result) -> tuple[str | None, str | None]:
+        """The content hash of ``path`` (``name`` is the path as found, a link's own)."""
+        if not could_define_unit(name):
+            return None, None  # the manager never reads it, so its content cannot matter
+        if st.st_size > UNIT_FILE_MAX:
+            return None, f"too large to hash ({st.st_size} bytes > {UNIT_FILE_MAX})"
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         cached = self._hashes.get(path)
         if cached is not None and cached[0] == key:
@@ -85,6 +95,8 @@ class FactReader:
             sha = _sha256(path)
         except OSError as exc:
             return None, _describe(exc)
+        if sha is None:
+            return None, f"too large to hash (grew past {UNIT_FILE_MAX} bytes while read)"
         self._hashes[path] = (key, sha)
         return sha, None
 
@@ -116,13 +128,16 @@ def _fact(
     )
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str) -> str | None:
+    """The hash of at most ``UNIT_FILE_MAX`` bytes; None when the file holds more (it grew)."""
     fd = os.open(path, _OPEN_FLAGS)
     try:
         digest = hashlib.sha256()
-        while chunk := os.read(fd, _CHUNK):
+        left = UNIT_FILE_MAX + 1
+        while left and (chunk := os.read(fd, min(_CHUNK, left))):
             digest.update(chunk)
-        return digest.hexdigest()
+            left -= len(chunk)
+        return digest.hexdigest() if left else None
     finally:
         os.close(fd)
 

@@ -95,6 +95,16 @@ def is_template(name: str) -> bool:
     return bool(stem) and stem.find("@") == len(stem) - 1
 
 
+def could_define_unit(path: str) -> bool:
+    """Whether systemd could read ``path`` as a unit file or a drop-in, judging by its name alone.
+
+    The manager reads only files named as units (fragments, aliases, enablement links) and
+    ``*.conf`` drop-ins; anything else in a unit directory never reaches it.
+    """
+    name = path.rpartition("/")[2]
+    return name.endswith(".conf") or is_valid_unit_name(name)
+
+
 def template_of(name: str) -> str | None:
     """``foo@.service`` for the instance ``foo@bar.service``; None for plain names and templates."""
     stem, _, suffix = name.rpartition(".")

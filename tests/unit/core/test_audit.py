@@ -322,6 +322,24 @@ class TestAuditBaseline:
         assert [f.kind for f in findings] == [K.UNMANAGED_UNIT]
         assert "changed since the accepted baseline" in findings[0].detail
 
+    @pytest.mark.parametrize(
+        "error", ["too large to hash (1073741824 bytes > 1048576)", "Permission denied"]
+    )
+    def test_unread_content_is_never_vouched_for(self, error: str) -> None:
+        """A file whose content could not be read matches no baseline hash, and says why."""
+        exp = self.exp(BaselineEntry(self.PATH, FileKind.FILE, None, None, None))
+        fact = replace(regular(self.PATH), sha256=None, error=error)
+        findings = audit(observe({self.PATH: fact}, scanned=(self.PATH,)), exp)
+        assert [f.kind for f in findings] == [K.UNMANAGED_UNIT]
+        assert findings[0].detail.endswith(f"its content is unknown: {error}")
+
+    def test_a_file_the_manager_never_reads_is_vouched_for_by_presence(self) -> None:
+        """A name systemd ignores is not hashed; the baseline vouches for it being there."""
+        path = f"{CONFIG}/README.md"
+        exp = self.exp(BaselineEntry(path, FileKind.FILE, None, None, "s-recorded-earlier"))
+        fact = replace(regular(path), sha256=None)
+        assert audit(observe({path: fact}, scanned=(path,)), exp) == ()
+
     def test_baseline_managed_link_replaced(self) -> None:
         """A managed link recorded by the baseline and now a regular file is link-replaced."""
         exp = self.exp(

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from provenanced.daemon.observer import (
-    _unloaded_fragments,
+    _definition_candidates,
     baseline_facts,
     matches,
     scan_files,
@@ -66,13 +66,22 @@ class TestScanFiles:
         }
 
 
-class TestUnloadedFragments:
-    def test_names_fragments_the_manager_has_not_loaded(self, tmp_path: Path) -> None:
-        """A unit file nothing loaded is named; a loaded one and a template are not."""
+class TestDefinitionCandidates:
+    def test_names_every_file_the_manager_would_read_for_a_unit(self, tmp_path: Path) -> None:
+        """Its fragment in every directory, and the ``.conf`` drop-ins that exist."""
         dirs = tree(tmp_path)
-        names = _unloaded_fragments(scan_files(dirs), dirs, loaded=[])
-        assert names == {"web.service"}
-        assert _unloaded_fragments(scan_files(dirs), dirs, loaded=["web.service"]) == set()
+        config, vendor = (tmp_path / "config"), (tmp_path / "vendor")
+        assert set(_definition_candidates("web.service", dirs)) == {
+            str(config / "web.service"),
+            str(config / "web.service.d" / "10-env.conf"),
+            str(vendor / "web.service"),
+        }
+
+    def test_an_instance_reads_its_template(self, tmp_path: Path) -> None:
+        """Loading ``tpl@x.service`` reads ``tpl@.service`` too."""
+        assert str(tmp_path / "config" / "tpl@.service") in set(
+            _definition_candidates("tpl@x.service", tree(tmp_path))
+        )
 
 
 class TestBaselineFacts:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from provenanced.fs.facts import FactReader, scan_unit_dir
-from provenanced.model import FileKind
+from provenanced.model import UNIT_FILE_MAX, FileKind
 
 
 class TestFactReader:
@@ -73,9 +73,42 @@ class TestFactReader:
         assert reader.read(str(tmp_path / "gone")).kind is FileKind.MISSING
         assert reader.read(str(tmp_path / "fifo")).kind is FileKind.OTHER
 
+    def test_a_file_over_the_cap_is_not_read(self, tmp_path: Path) -> None:
+        """A 16 GiB unit file (sparse) is a fact saying it is too large, with no hash."""
+        path = tmp_path / "huge.service"
+        path.touch()
+        os.truncate(path, 16 << 30)
+        fact = FactReader().read(str(path))
+        assert (fact.kind, fact.size, fact.sha256) == (FileKind.FILE, 16 << 30, None)
+        assert fact.oversized
+        assert fact.error == f"too large to hash ({16 << 30} bytes > {UNIT_FILE_MAX})"
+
+    def test_at_the_cap_is_hashed_and_a_link_to_a_huge_file_is_not(self, tmp_path: Path) -> None:
+        """Exactly UNIT_FILE_MAX bytes is hashed; a link's target over the cap is not."""
+        path = tmp_path / "full.service"
+        path.write_bytes(b"#" * UNIT_FILE_MAX)
+        reader = FactReader()
+        assert reader.read(str(path)).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        huge = tmp_path / "store-huge"
+        huge.touch()
+        os.truncate(huge, UNIT_FILE_MAX + 1)
+        (tmp_path / "l.service").symlink_to(huge)
+        fact = reader.read(str(tmp_path / "l.service"))
+        assert (fact.kind, fact.sha256, fact.oversized) == (FileKind.SYMLINK, None, True)
+        assert fact.error is not None and "too large to hash" in fact.error
+
+    def test_only_names_the_manager_reads_are_hashed(self, tmp_path: Path) -> None:
+        """A file systemd never reads (no unit name, no .conf) is described but never hashed."""
+        (tmp_path / "huge.img").write_bytes(b"x")
+        (tmp_path / "a.conf").write_bytes(b"x")
+        reader = FactReader()
+        other = reader.read(str(tmp_path / "huge.img"))
+        assert (other.kind, other.size, other.sha256, other.error) == (FileKind.FILE, 1, None, None)
+        assert reader.read(str(tmp_path / "a.conf")).sha256 == hashlib.sha256(b"x").hexdigest()
+
     def test_hash_cache_sees_rewrites(self, tmp_path: Path) -> None:
         """A rewritten file gets a new hash even from a reader that cached the old one."""
-        path = tmp_path / "a"
+        path = tmp_path / "a.service"
         path.write_bytes(b"one")
         reader = FactReader()
         first = reader.read(str(path)).sha256

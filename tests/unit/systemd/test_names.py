@@ -13,6 +13,7 @@ from provenanced.systemd.names import (
     UNIT_TYPES,
     bus_label_escape,
     bus_label_unescape,
+    could_define_unit,
     dropin_dirs_for,
     is_template,
     is_valid_unit_name,
@@ -148,6 +149,29 @@ class TestIsValidUnitName:
     def test_generated_names(self, name: str) -> None:
         """Every name built from the allowed alphabet and a known type is valid."""
         assert is_valid_unit_name(name) == (len(name) <= 255)
+
+
+class TestCouldDefineUnit:
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "/u/web.service",
+            "/u/web@.service",
+            "/u/default.target.wants/web.service",
+            "/u/web.service.d/10-env.conf",
+            "/u/service.d/all.conf",
+        ],
+    )
+    def test_unit_files_and_dropins(self, path: str) -> None:
+        """Unit names, enablement links and .conf drop-ins are what the manager reads."""
+        assert could_define_unit(path)
+
+    @pytest.mark.parametrize(
+        "path", ["/u/README.md", "/u/huge.img", "/u/.web.service.swp", "/u/web.service~", "/u/a"]
+    )
+    def test_other_names(self, path: str) -> None:
+        """Notes, images and editor leftovers never reach the manager."""
+        assert not could_define_unit(path)
 
 
 class TestUnitSuffix:
