@@ -210,6 +210,31 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class StartChecks:
+    """The unit's last test of its ``Condition…=`` and ``Assert…=`` lines, and when it was.
+
+    Timestamps are CLOCK_MONOTONIC microseconds; 0 means not tested since the unit was loaded
+    (never started, or unloaded and loaded again), when the results read ``no`` by default.
+    """
+
+    condition_result: bool
+    condition_timestamp: int
+    assert_result: bool
+    assert_timestamp: int
+
+
+UNTESTED = StartChecks(False, 0, False, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class JobChecks:
+    """A unit's start checks from just before a job and the latest from after it."""
+
+    before: StartChecks
+    after: StartChecks
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceResult:
     """What a unit says about its last run: the facts a job verification needs."""
 
@@ -221,6 +246,18 @@ class ServiceResult:
     assert_result: bool
     active_state: str
     sub_state: str
+    condition_timestamp: int = 0  # CLOCK_MONOTONIC µs of the last test; 0: none since loaded
+    assert_timestamp: int = 0
+
+    @property
+    def checks(self) -> StartChecks:
+        """The start checks as read with the rest."""
+        return StartChecks(
+            self.condition_result,
+            self.condition_timestamp,
+            self.assert_result,
+            self.assert_timestamp,
+        )
 
 
 @dataclass(frozen=True, slots=True)

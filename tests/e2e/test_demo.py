@@ -23,6 +23,9 @@ pytestmark = pytest.mark.e2e
 
 CLI = str(Path(sys.executable).parent / "provenanced")
 _ROOT_LINE = re.compile(r"a throw-away systemd --user in (?P<root>\S+)")
+_STEP_LINE = re.compile(r"^\[step (?P<number>\d+)/(?P<total>\d+)\](?P<repair> repairing)?", re.M)
+# Each step waits at most 20 s for its finding and 20 s for the repair, then pauses 8 + 4 s.
+_SCENARIO_TIMEOUT = 300
 
 
 def free_port() -> int:
@@ -71,6 +74,21 @@ class Demo:
         """Everything it printed so far (stdout and stderr)."""
         return self.log.read_text(errors="replace")
 
+    def scenario_over(self) -> bool:
+        """The scenario printed its closing line, whatever the outcome."""
+        return re.search(r"^Scenario (done|incomplete)", self.output(), re.M) is not None
+
+    def steps(self) -> tuple[int, dict[tuple[int, bool], str]]:
+        """The announced step count, and what each step printed, keyed by (number, repair)."""
+        output = self.output()
+        marks = list(_STEP_LINE.finditer(output))
+        ends = [mark.start() for mark in marks[1:]] + [len(output)]
+        total = int(marks[0]["total"]) if marks else 0
+        return total, {
+            (int(mark["number"]), bool(mark["repair"])): output[mark.end() : end]
+            for mark, end in zip(marks, ends, strict=True)
+        }
+
     def sandbox_root(self) -> str | None:
         """The sandbox root from the banner, once printed."""
         match = _ROOT_LINE.search(self.output())
@@ -117,3 +135,26 @@ def test_scenario_is_caught_and_ctrl_c_cleans_up(demo: Demo) -> None:
     assert "[step 1/4]" in demo.output()
     assert processes_of(root) == []
     assert not Path(root).exists()
+
+
+def test_every_step_is_seen_and_resolved(demo: Demo) -> None:
+    """The README's headline, end to end: each injected drift is seen and each repair resolves
+    it (step 4 is the restart that exits 0 while the never-run unit's condition fails)."""
+    root = wait_until(demo.sandbox_root, timeout=60, message="the demo's banner")
+    wait_until(
+        demo.scenario_over, timeout=_SCENARIO_TIMEOUT, interval=0.5, message="the scenario's end"
+    )
+    total, steps = demo.steps()
+    injected = sorted(number for number, repair in steps if not repair)
+    assert total > 0 and injected == list(range(1, total + 1)), demo.output()
+    assert [number for number, repair in steps if repair], demo.output()
+    not_seen = [n for (n, repair), text in steps.items() if not repair and "seen after" not in text]
+    not_resolved = [
+        n for (n, repair), text in steps.items() if repair and "resolved after" not in text
+    ]
+    assert (not_seen, not_resolved) == ([], []), demo.output()
+    assert "Scenario done: every drift was seen and repaired" in demo.output()
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(timeout=60) == 0, demo.output()
+    assert root is not None
+    assert processes_of(root) == []

@@ -303,18 +303,98 @@ class TestRecovery:
             knob.write_text(old)
 
 
-def restart_verify(sandbox: Sandbox, unit: str) -> subprocess.CompletedProcess[str]:
+ONESHOT = "[Service]\nType=oneshot\nExecStart={}\n"
+
+
+def unverified(running: Running, unit: str) -> str | None:
+    """The detail of the unit's open job-unverified finding, if one is open."""
+    for finding in running.engine.status.findings:
+        if finding.kind is FindingKind.JOB_UNVERIFIED and finding.unit == unit:
+            return finding.detail
+    return None
+
+
+def write_oneshot(sandbox: Sandbox, name: str, unit_section: str, *, timer: bool) -> None:
+    """A oneshot that never ran; with ``timer`` a started timer keeps it loaded between jobs."""
+    (sandbox.config_dir / name).write_text(
+        f"[Unit]\n{unit_section}\n" + ONESHOT.format("/bin/true")
+    )
+    if timer:
+        (sandbox.config_dir / name.replace(".service", ".timer")).write_text(
+            "[Timer]\nOnCalendar=daily\n"
+        )
+    sandbox.daemon_reload()
+    if timer:
+        sandbox.systemctl("start", name.replace(".service", ".timer"))
+
+
+async def restart(sandbox: Sandbox, unit: str) -> int:
+    """`systemctl --user restart`, off the loop the daemon runs on; its exit code."""
+    done = await asyncio.to_thread(sandbox.systemctl, "restart", unit, check=False)
+    return done.returncode
+
+
+class TestJobVerification:
+    @pytest.mark.parametrize("transport", ["private", "bus"])
+    async def test_never_run_unit_whose_condition_fails(
+        self, fresh_sandbox: Sandbox, tmp_path: Path, transport: str
+    ) -> None:
+        """A plain restart of a oneshot that never ran exits 0 while its condition fails: the
+        unit has no InvocationID, yet job-unverified opens; it closes once the unit runs."""
+        flag = tmp_path / "input"
+        unit = "never-ran.service"
+        write_oneshot(fresh_sandbox, unit, f"ConditionPathExists={flag}", timer=True)
+        address = {"bus_address": fresh_sandbox.bus_address} if transport == "bus" else {}
+        async with start_daemon(fresh_sandbox, settings_for(fresh_sandbox, address)) as running:
+            assert await restart(fresh_sandbox, unit) == 0
+            await eventually(lambda: unverified(running, unit), what="job-unverified opened")
+            assert "ConditionResult=no" in (unverified(running, unit) or "")
+            assert running.sample("provenanced_jobs_unverified_total") == 1
+            flag.touch()
+            assert await restart(fresh_sandbox, unit) == 0
+            await eventually(lambda: unverified(running, unit) is None, what="it closed")
+
+    async def test_unloaded_right_after_a_failed_condition(self, fresh_sandbox: Sandbox) -> None:
+        """Nothing references the unit, so the manager unloads it as its job ends and a read
+        finds a blank copy; the signals around the job still show the failed condition."""
+        unit = "unreferenced.service"
+        write_oneshot(fresh_sandbox, unit, "ConditionPathExists=/nonexistent/input", timer=False)
+        async with start_daemon(fresh_sandbox) as running:
+            assert await restart(fresh_sandbox, unit) == 0
+            await eventually(lambda: unverified(running, unit), what="job-unverified opened")
+
+    async def test_unloaded_after_a_clean_run_is_not_a_failure(
+        self, fresh_sandbox: Sandbox
+    ) -> None:
+        """A oneshot that ran OK and was unloaded reads back blank (ConditionResult=no, no
+        InvocationID, timestamps 0): missing evidence opens nothing."""
+        clean, failing = "ran-and-gone.service", "barrier.service"
+        write_oneshot(fresh_sandbox, clean, "Description=runs fine", timer=False)
+        write_oneshot(fresh_sandbox, failing, "ConditionPathExists=/nonexistent/x", timer=True)
+        async with start_daemon(fresh_sandbox) as running:
+            assert await restart(fresh_sandbox, clean) == 0
+            assert fresh_sandbox.show(clean, "InvocationID", "ConditionTimestampMonotonic") == {
+                "InvocationID": "",
+                "ConditionTimestampMonotonic": "0",
+            }
+            # Jobs are judged in the order they end: once the later one is, the first was too.
+            assert await restart(fresh_sandbox, failing) == 0
+            await eventually(lambda: unverified(running, failing), what="the later job judged")
+            assert unverified(running, clean) is None
+            assert running.sample("provenanced_jobs_unverified_total") == 1
+
+
+def restart_verify(
+    sandbox: Sandbox, unit: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "provenanced", "restart", "--verify", unit],
-        env=sandbox.env,
+        env={**sandbox.env, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-
-
-ONESHOT = "[Service]\nType=oneshot\nExecStart={}\n"
 
 
 class TestRestartVerify:
@@ -345,6 +425,40 @@ class TestRestartVerify:
         result = restart_verify(sandbox, name)
         assert result.returncode == code, result.stdout + result.stderr
         assert says in (result.stdout + result.stderr).lower()
+
+    @pytest.mark.parametrize(
+        ("name", "unit_section", "code", "says"),
+        [
+            pytest.param("unpinned-1.service", "Description=x", 0, "verified", id="clean-run"),
+            pytest.param(
+                "unpinned-2.service",
+                "ConditionPathExists=/nonexistent/flag",
+                1,
+                "a start condition failed",
+                id="condition",
+            ),
+            pytest.param(
+                "unpinned-3.service",
+                "AssertPathExists=/nonexistent/flag",
+                1,
+                "a start assertion failed",
+                id="assert",
+            ),
+        ],
+    )
+    def test_verdict_on_a_unit_nothing_can_pin(
+        self, sandbox: Sandbox, name: str, unit_section: str, code: int, says: str
+    ) -> None:
+        """Over the private socket alone the never-run, unreferenced oneshot cannot be pinned: it
+        is unloaded as its job ends and reads back blank; the signals around the job still tell."""
+        write_oneshot(sandbox, name, unit_section, timer=False)
+        private = {"PROVENANCED_MANAGER__BUS_ADDRESS": f"unix:path={sandbox.private_socket}"}
+        result = restart_verify(sandbox, name, private)
+        assert result.returncode == code, result.stdout + result.stderr
+        assert says in (result.stdout + result.stderr).lower()
+        assert sandbox.show(name, "ConditionTimestampMonotonic") == {
+            "ConditionTimestampMonotonic": "0"
+        }
 
     def test_timer_triggered_oneshot_is_verified(self, sandbox: Sandbox) -> None:
         """The Home Manager backup oneshot ran and exited 0: verified."""

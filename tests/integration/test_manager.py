@@ -362,6 +362,7 @@ class TestCalls:
         result = await manager.get_service_result(conn, "backup.service")
         assert (result.result, result.exec_main_code, result.exec_main_status) == ("success", 1, 0)
         assert result.condition_result and result.assert_result
+        assert result.condition_timestamp > 0 and result.assert_timestamp > 0
         shown = await asyncio.to_thread(sandbox.show, "backup.service", "InvocationID")
         assert result.invocation_id == shown["InvocationID"] != ""
         timer = await manager.get_service_result(conn, "backup.timer")

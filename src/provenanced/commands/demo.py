@@ -160,31 +160,46 @@ class Scenario:
         self.scratch.mkdir(exist_ok=True)
         await asyncio.sleep(STEP_PAUSE / 2)
         steps = self.steps()
+        missed: list[str] = []
         for number, step in enumerate(steps, 1):
             _say(f"\n[step {number}/{len(steps)}] {step.title}")
             _say(f"           watch for: {step.watch}")
             started = time.monotonic()
             await step.inject()
-            await self._wait_for(step.kind, step.unit, started, opened=True)
+            if not await self._wait_for(step.kind, step.unit, started, opened=True):
+                missed.append(f"step {number} not seen")
             await asyncio.sleep(STEP_PAUSE)
             if step.repair is not None:
                 _say(f"[step {number}/{len(steps)}] repairing")
+                kind = step.resolves or step.kind
+                # A finding that never opened cannot resolve: waiting for its absence proves nothing.
+                was_open = self._open(kind, step.unit) is not None
                 started = time.monotonic()
                 await step.repair()
-                await self._wait_for(step.resolves or step.kind, step.unit, started, opened=False)
+                if not was_open:
+                    _say(f"           (no {kind.value} was open to resolve)")
+                    missed.append(f"step {number} not resolved")
+                elif not await self._wait_for(kind, step.unit, started, opened=False):
+                    missed.append(f"step {number} not resolved")
                 await asyncio.sleep(STEP_PAUSE / 2)
-        _say("\nScenario done: every drift was repaired. The daemon keeps watching; Ctrl-C stops.")
+        if missed:
+            _say(f"\nScenario incomplete: {', '.join(missed)}. Ctrl-C stops.")
+        else:
+            _say(
+                "\nScenario done: every drift was seen and repaired. "
+                "The daemon keeps watching; Ctrl-C stops."
+            )
 
     async def _wait_for(
         self, kind: FindingKind, unit: str, started: float, *, opened: bool
-    ) -> None:
+    ) -> bool:
         """Say when the daemon published the change (bounded wait), from its open findings."""
         deadline = started + DETECT_TIMEOUT
         while (self._open(kind, unit) is None) == opened:
             if time.monotonic() >= deadline:
                 state = "opened" if opened else "closed"
                 _say(f"           (no {kind.value} {state} within {DETECT_TIMEOUT:g} s)")
-                return
+                return False
             await asyncio.sleep(_POLL)
         seconds = time.monotonic() - started
         finding = self._open(kind, unit)
@@ -195,6 +210,7 @@ class Scenario:
             )
         else:
             _say(f"           resolved after {seconds:.2f} s: {kind.value} {unit}")
+        return True
 
     def _open(self, kind: FindingKind, unit: str) -> Finding | None:
         for finding in self.daemon.engine.status.findings:

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from provenanced.core.jobs import unverified_reason
+from provenanced.core.jobs import read_back, unverified_reason
 from provenanced.errors import ManagerCallError, ManagerUnreachableError
-from provenanced.model import ServiceResult
+from provenanced.model import JobChecks, ServiceResult
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection, resolve_address
+from provenanced.systemd.checks import ChecksSeen
 from provenanced.systemd.names import unit_object_path
 
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
@@ -38,9 +39,13 @@ async def restart_and_verify(
     removed: dict[str, asyncio.Future[str]] = {}
     loop = asyncio.get_running_loop()
     early: dict[str, str] = {}
+    seen = ChecksSeen()
+    announced: dict[str, JobChecks | None] = {}
 
     def on_signal(event: manager.ManagerEvent) -> None:
+        checks = seen.observe(event)
         if isinstance(event, manager.JobRemoved):
+            announced[event.job_path] = checks
             future = removed.get(event.job_path)
             if future is not None and not future.done():
                 future.set_result(event.result)
@@ -72,7 +77,11 @@ async def restart_and_verify(
     finally:
         if pinned is not None:
             await _unpin(pinned, unit)
-    reason = unverified_reason(result, job_result, before.invocation_id or None)
+    # ``before`` was read before the job was queued; the signals cover a unit unloaded after it.
+    around = announced.get(job)
+    checks = JobChecks(before.checks, around.after if around else before.checks)
+    checks = read_back(checks, result.checks)
+    reason = unverified_reason(result, job_result, before.invocation_id or None, checks)
     if reason is None:
         return Verdict(
             True, f"{unit} restarted and verified (Result={result.result}, {result.active_state})"

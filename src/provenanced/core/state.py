@@ -16,6 +16,7 @@ from provenanced.model import (
     Finding,
     FindingKind,
     HomeManagerGeneration,
+    JobChecks,
     Observation,
     ServiceResult,
     Transition,
@@ -103,10 +104,16 @@ class AuditState:
         return self._diff((*found, *self._jobs.findings()), now)
 
     def record_job(
-        self, unit: str, job_id: int, job_result: str, result: ServiceResult, now: float
+        self,
+        unit: str,
+        job_id: int,
+        job_result: str,
+        result: ServiceResult,
+        now: float,
+        seen: JobChecks | None = None,
     ) -> tuple[Finding | None, list[Transition]]:
         """Take in a finished job's outcome: the finding it newly opened, and the transitions."""
-        opened = self._jobs.record(unit, job_id, job_result, result)
+        opened = self._jobs.record(unit, job_id, job_result, result, seen)
         others = (f for f in self.findings.values() if f.kind is not FindingKind.JOB_UNVERIFIED)
         return opened, self._diff((*others, *self._jobs.findings()), now)
 

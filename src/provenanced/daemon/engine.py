@@ -33,12 +33,13 @@ from provenanced.expect import baseline
 from provenanced.expect.generation import GCROOT
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import Overflow, UnitDirWatcher, WatchEvent, WatchLimitReached
-from provenanced.model import DaemonStatus, Observation, Transition, frozen_map
+from provenanced.model import DaemonStatus, JobChecks, Observation, Transition, frozen_map
 from provenanced.sinks.alerts import Alerts
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection, resolve_address
+from provenanced.systemd.checks import ChecksSeen
 
 log = structlog.get_logger("provenanced.engine")
 
@@ -81,6 +82,7 @@ class Engine:
         self._degraded = asyncio.Event()  # the watcher ran out of watches: shorten the backstop
         self._transport = ""
         self._manager_reloading = False
+        self._checks = ChecksSeen()
         self._behind = False  # a re-read failed; the findings wait for its retry
         # One re-read at a time: a partial one started from the observation a concurrent full
         # resync (a reconnect) replaces would land after it and undo it.
@@ -170,6 +172,7 @@ class Engine:
                 )
                 self._conn, self._transport = conn, transport.kind
                 self._manager_reloading = False
+                self._checks = ChecksSeen()  # jobs in flight on an old connection are unknown
                 await manager.subscribe(conn, self._on_signal)
                 provenance = self.settings.provenance
                 self._observer = Observer(
@@ -197,6 +200,7 @@ class Engine:
             delay = min(delay * 2, cap)
 
     def _on_signal(self, event: manager.ManagerEvent) -> None:
+        announced = self._checks.observe(event)
         if isinstance(event, manager.Reloading):
             self._manager_reloading = event.active
         change = change_for_signal(event, self._manager_reloading, time.monotonic())
@@ -209,9 +213,9 @@ class Engine:
             and self._conn is not None
         ):
             # Verification needs D-Bus reads; it runs as its own small task of the loop.
-            self._spawn(self._verify_job(event), "jobs.verify")
+            self._spawn(self._verify_job(event, announced), "jobs.verify")
 
-    async def _verify_job(self, event: manager.JobRemoved) -> None:
+    async def _verify_job(self, event: manager.JobRemoved, announced: JobChecks | None) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -220,7 +224,7 @@ class Engine:
         except ManagerCallError:
             return
         opened, transitions = self.state.record_job(
-            event.unit, event.job_id, event.result, result, time.time()
+            event.unit, event.job_id, event.result, result, time.time(), announced
         )
         if opened is not None:
             self.telemetry.record_job_unverified()

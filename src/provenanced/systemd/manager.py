@@ -10,7 +10,7 @@ from typing import Any
 from dbus_fast import Message
 
 from provenanced.errors import ManagerCallError
-from provenanced.model import ServiceResult, UnitRecord
+from provenanced.model import ServiceResult, StartChecks, UnitRecord
 from provenanced.systemd.bus import MANAGER_IFACE, PROPERTIES_IFACE, ManagerConnection
 from provenanced.systemd.events import (
     JobNew,
@@ -43,11 +43,13 @@ __all__ = [
     "decode_signal",
     "get_service_result",
     "get_unit_records",
+    "job_of",
     "list_jobs",
     "list_units",
     "load_unit",
     "reload",
     "restart_unit",
+    "start_checks",
     "subscribe",
     "unit_path",
 ]
@@ -156,6 +158,27 @@ def _invocation_id(value: Any) -> str:
     return bytes(value or b"").hex()
 
 
+def start_checks(props: Mapping[str, Any]) -> StartChecks | None:
+    """The start checks in a unit's Unit-interface properties; None when they are not all there."""
+    try:
+        return StartChecks(
+            condition_result=bool(props["ConditionResult"]),
+            condition_timestamp=int(props["ConditionTimestampMonotonic"]),
+            assert_result=bool(props["AssertResult"]),
+            assert_timestamp=int(props["AssertTimestampMonotonic"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def job_of(props: Mapping[str, Any]) -> str | None:
+    """The object path of the job in a unit's ``Job`` property, None when it has none."""
+    match props.get("Job"):
+        case (int(job_id), str(path)) | [int(job_id), str(path)] if job_id != 0:
+            return path
+    return None
+
+
 def _unit_record(name: str, props: Mapping[str, Any]) -> UnitRecord:
     """The provenance facts of one unit from its Unit-interface properties."""
     return UnitRecord(
@@ -248,6 +271,8 @@ async def get_service_result(conn: ManagerConnection, name: str) -> ServiceResul
         assert_result=unit["AssertResult"],
         active_state=unit["ActiveState"],
         sub_state=unit["SubState"],
+        condition_timestamp=unit["ConditionTimestampMonotonic"],
+        assert_timestamp=unit["AssertTimestampMonotonic"],
     )
 
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from provenanced.core.jobs import JobFindings, unverified_reason
-from provenanced.model import ServiceResult
+from provenanced.core.jobs import JobFindings, failed_check, read_back, unverified_reason
+from provenanced.model import UNTESTED, JobChecks, ServiceResult, StartChecks
 
 RAN = ServiceResult("inv-2", "success", 1, 0, True, True, "active", "running")
 
@@ -75,3 +75,57 @@ class TestJobFindings:
         jobs = JobFindings()
         assert jobs.record("a.service", 1, "done", ran(invocation_id="", result="failed")) is None
         assert jobs.findings() == []
+
+
+NEVER_RAN = ServiceResult("", "success", 0, 0, False, False, "inactive", "dead")
+CONDITION_FAILED_AT_90 = StartChecks(False, 90, False, 0)
+
+
+class TestStartChecksThatMoved:
+    """The evidence of a job's own Condition/Assert tests: a timestamp that moved and says no."""
+
+    def test_never_run_unit_whose_condition_failed_during_the_job(self) -> None:
+        """No InvocationID, but the condition timestamp moved and says no: job-unverified."""
+        jobs = JobFindings()
+        failed = replace(NEVER_RAN, condition_timestamp=90)
+        finding = jobs.record("a.service", 7, "done", failed, JobChecks(UNTESTED, UNTESTED))
+        assert finding is not None and "ConditionResult=no" in finding.detail
+
+    def test_unloaded_after_its_failed_condition(self) -> None:
+        """The read is blank (garbage-collected); the change flushed before JobRemoved tells."""
+        seen = JobChecks(UNTESTED, CONDITION_FAILED_AT_90)
+        assert JobFindings().record("a.service", 7, "done", NEVER_RAN, seen) is not None
+
+    def test_unloaded_after_a_clean_run_opens_nothing(self) -> None:
+        """A blank read (ConditionResult=no by default, timestamps 0) is no evidence of failure."""
+        jobs = JobFindings()
+        seen = JobChecks(UNTESTED, StartChecks(True, 90, True, 91))
+        assert jobs.record("a.service", 7, "done", NEVER_RAN, seen) is None
+        assert jobs.record("a.service", 7, "done", NEVER_RAN, None) is None
+        assert jobs.findings() == []
+
+    def test_an_earlier_failure_is_not_this_jobs(self) -> None:
+        """A stop job tests nothing: a stale ConditionResult=no neither opens nor closes."""
+        stale = replace(
+            RAN, condition_result=False, condition_timestamp=50, active_state="inactive"
+        )
+        untouched = JobChecks(stale.checks, stale.checks)
+        assert JobFindings().record("a.service", 8, "done", stale, untouched) is None
+        jobs = JobFindings()
+        opened = jobs.record("a.service", 7, "done", stale, JobChecks(RAN.checks, stale.checks))
+        assert opened is not None
+        assert jobs.record("a.service", 8, "done", stale, untouched) is None
+        assert jobs.findings() == [opened]
+
+    def test_a_failed_assert_ends_the_job_assert_and_says_why(self) -> None:
+        """An assert tested during the job and failed: the reason names the assert."""
+        checks = JobChecks(UNTESTED, StartChecks(True, 90, False, 91))
+        assert unverified_reason(NEVER_RAN, "assert", None, checks) == (
+            "the job ended 'assert': a start assertion failed (AssertResult=no)"
+        )
+
+    def test_a_newer_read_wins_over_the_signals(self) -> None:
+        """The read is the after side when it is newer than the last change seen."""
+        checks = read_back(JobChecks(UNTESTED, UNTESTED), CONDITION_FAILED_AT_90)
+        assert failed_check(checks) is not None
+        assert read_back(JobChecks(UNTESTED, CONDITION_FAILED_AT_90), UNTESTED) == checks
