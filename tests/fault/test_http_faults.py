@@ -1,16 +1,18 @@
-"""The HTTP endpoint of a running daemon against hostile and careless clients."""
+"""The HTTP endpoint against hostile and careless clients, and while the event loop is stuck."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from daemonkit import WAIT, config_toml, daemon_process, poll
+from daemonkit import WAIT, config_toml, daemon_process, http_get, poll, start_daemon
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.fault
@@ -111,3 +113,22 @@ class TestHangUp:
             assert not [line for line in proc.log().splitlines() if "level=warning" in line]
             assert len(hung_up()) == 4
             assert all("level=debug" in line for line in hung_up())
+
+
+class TestStuckLoop:
+    async def test_healthy_fails_while_the_loop_is_stuck(self, fresh_sandbox: Sandbox) -> None:
+        """A loop blocked in synchronous work makes /-/healthy 503; /metrics still answers."""
+        async with start_daemon(fresh_sandbox) as running:
+            assert running.daemon.http is not None
+            address = running.daemon.http.address
+            assert (await asyncio.to_thread(http_get, address, "/-/healthy"))[0] == 200
+            with ThreadPoolExecutor(2) as pool:
+                healthy = pool.submit(http_get, address, "/-/healthy")
+                metrics = pool.submit(http_get, address, "/metrics")
+                # The daemon runs on this loop: waiting here synchronously stalls it, as hashing
+                # a huge file on the loop did.
+                status, body = healthy.result(timeout=WAIT)
+                assert metrics.result(timeout=WAIT)[0] == 200
+            assert status == 503, body
+            assert b"event loop has not run" in body
+            assert (await asyncio.to_thread(http_get, address, "/-/healthy"))[0] == 200

@@ -6,7 +6,8 @@ a 405 with ``Allow``, HEAD, TLS wrapped per connection (a slow handshake must no
 loop) and serving on an inherited socket-activation fd. The exposition itself is
 prometheus_client's (``choose_encoder`` for text vs OpenMetrics, ``gzip_accepted``).
 
-A thread per connection, so a scrape never waits for the event loop. What bounds memory and time is ours, not the
+A thread per connection, so a scrape never waits for the event loop (and /-/healthy can say the
+loop is stuck instead of going silent with it). What bounds memory and time is ours, not the
 stdlib's (its limits allowed 100 header lines of 64 KiB each, held for as long as the client kept
 sending): at most ``MAX_CONNECTIONS`` at once (the next one gets 503), ``_HEAD_BYTES`` for the
 request line and headers together (414 when the request line alone is over, else 431), and one
@@ -21,6 +22,7 @@ import gzip
 import html
 import io
 import json
+import math
 import socket
 import ssl
 import threading
@@ -110,10 +112,13 @@ def start_http_server(
     *,
     tls: TlsFiles | None = None,
     fd: int | None = None,
+    stalled_for: Callable[[], float] | None = None,
 ) -> HttpServer:
     """Serve on ``listen`` ("host:port", "[v6]:port"), or on the inherited listening socket ``fd``.
 
-    Raises ConfigError, one line, when the address cannot be bound or the TLS files don't load.
+    ``stalled_for`` says how long the event loop has been stuck (0.0 when it runs); /-/healthy
+    fails while it is not 0. Raises ConfigError, one line, when the address cannot be bound or
+    the TLS files don't load.
     """
     context = _tls_context(tls) if tls is not None else None
     server = _Server(
@@ -121,6 +126,7 @@ def start_http_server(
         registry,
         get_status,
         context,
+        stalled_for,
     )
     thread = threading.Thread(target=server.serve_forever, name="http.serve", daemon=True)
     thread.start()
@@ -252,6 +258,7 @@ class _Server(ThreadingHTTPServer):
         registry: CollectorRegistry,
         get_status: Callable[[], DaemonStatus],
         tls: ssl.SSLContext | None,
+        stalled_for: Callable[[], float] | None,
     ) -> None:
         self.address_family = sock.family
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
@@ -260,6 +267,7 @@ class _Server(ThreadingHTTPServer):
         self.registry = registry
         self.get_status = get_status
         self.tls = tls
+        self.stalled_for = stalled_for
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -404,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._metrics(server.registry)
         if path == "/-/healthy":
-            return _Response(HTTPStatus.OK, b"provenanced is healthy\n")
+            return _healthy(server.stalled_for)
         if path == "/-/ready":
             return _ready(server.get_status())
         if path == "/api/v1/findings":
@@ -432,6 +440,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(response.body)
+
+
+def _healthy(stalled_for: Callable[[], float] | None) -> _Response:
+    stalled = stalled_for() if stalled_for is not None else 0.0
+    if not stalled:
+        return _Response(HTTPStatus.OK, b"provenanced is healthy\n")
+    if math.isinf(stalled):
+        body = b"unhealthy: the event loop is closed\n"
+    else:
+        body = f"unhealthy: the event loop has not run for {stalled:.1f} s\n".encode()
+    return _Response(HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 
 def _ready(status: DaemonStatus) -> _Response:
