@@ -27,8 +27,9 @@ from helpers import wait_until
 from provenanced.errors import ConfigError
 from provenanced.logging import configure_logging
 from provenanced.model import DaemonStatus, Finding, FindingKind, Transition
+from provenanced.sinks import http as http_sink
 from provenanced.sinks import journal as journal_ids
-from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
+from provenanced.sinks.http import MAX_CONNECTIONS, HttpServer, TlsFiles, start_http_server
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 
@@ -218,6 +219,10 @@ class TestEndpoints:
         assert reply.headers["Allow"] == "GET, HEAD"
 
 
+# 20 header lines of 1 KB: each is short and they are few, but together over the 16 KiB head.
+_PADDED_HEADERS = b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"a" * 1000) for i in range(20))
+
+
 class TestAbuse:
     """Malformed and oversized requests get an error status and the server carries on."""
 
@@ -227,21 +232,70 @@ class TestAbuse:
             (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
             (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
             (b"GET / HTTP/1.1\r\n" + b"X-H: v\r\n" * 150 + b"\r\n", b"431"),
+            (b"GET / HTTP/1.1\r\n" + _PADDED_HEADERS + b"\r\n", b"431"),
             (b"GARBAGE\r\n\r\n", b"400"),
+            (b"GET / HTTP/1.1 extra\r\n\r\n", b"400"),
             (b"GET / HTTP/9.9\r\n\r\n", b"505"),
             (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", b"400"),
         ],
-        ids=["long-request-line", "long-header", "many-headers", "garbage", "version", "tls"],
+        ids=[
+            "long-request-line",
+            "long-header",
+            "many-headers",
+            "head-over-16k",
+            "garbage",
+            "four-words",
+            "version",
+            "tls",
+        ],
     )
     def test_bad_requests(self, server: HttpServer, request_bytes: bytes, expected: bytes) -> None:
-        """Each bad request gets its status code; the next good request is served."""
-        assert expected in _status_line(_raw(server.address, request_bytes))
+        """Each bad request gets a status line with its code; the next good request is served."""
+        status_line = _status_line(_raw(server.address, request_bytes))
+        assert status_line.startswith(b"HTTP/1.0 " + expected + b" "), status_line
         assert _request(server.address, "/-/healthy").status == 200
 
     def test_idle_client_does_not_block_others(self, server: HttpServer) -> None:
         """A client that connects and sends nothing holds one thread, not the server."""
         with socket.create_connection(server.address, timeout=10):
             assert _request(server.address, "/-/healthy").status == 200
+
+    def test_connections_over_the_limit_get_503(self, server: HttpServer) -> None:
+        """With every slot held by an idle client, the next one gets 503; a freed slot serves again."""
+        held = [
+            socket.create_connection(server.address, timeout=10) for _ in range(MAX_CONNECTIONS)
+        ]
+        try:
+            wait_until(
+                lambda: _status_line(_raw(server.address, b"GET / HTTP/1.0\r\n\r\n")).startswith(
+                    b"HTTP/1.0 503 "
+                ),
+                message="a 503 once every slot is taken",
+            )
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: _request(server.address, "/-/healthy").status == 200)
+
+    def test_a_trickled_head_is_dropped_at_its_deadline(
+        self, server: HttpServer, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client sending its head a byte at a time is closed at the head's one deadline."""
+        monkeypatch.setattr(http_sink, "_HEAD_SECONDS", 1.0)
+        trickle = iter(b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 10000)
+        with socket.create_connection(server.address, timeout=0.2) as sock:
+
+            def closed() -> bool:
+                """Each 0.2 s without an answer, send one more byte; True once the server hangs up."""
+                try:
+                    return sock.recv(1024) == b""
+                except TimeoutError:
+                    sock.sendall(bytes([next(trickle)]))
+                    return False
+                except ConnectionResetError:
+                    return True
+
+            wait_until(closed, timeout=30, interval=0, message="the server closing the trickle")
 
     def test_failing_status_is_500(self) -> None:
         """When get_status raises, scrapes get 500 and the server keeps serving."""

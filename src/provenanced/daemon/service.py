@@ -14,6 +14,7 @@ from systemd import daemon as sd_daemon
 from provenanced.config import Settings, load_settings
 from provenanced.daemon import notify
 from provenanced.daemon.engine import Engine
+from provenanced.daemon.liveness import LoopProbe
 from provenanced.model import DaemonStatus
 from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
 from provenanced.sinks.journal import JournalSink
@@ -56,7 +57,10 @@ class Daemon:
         self.http: HttpServer | None = None
 
     def start_http(self) -> HttpServer:
-        """Serve metrics on the socket systemd passed us (socket activation) or on metrics.listen."""
+        """Serve metrics on the socket systemd passed us (socket activation) or on metrics.listen.
+
+        Call it on the loop the daemon runs on: /-/healthy probes that loop.
+        """
         fds = sd_daemon.listen_fds()
         settings = self.engine.settings
         self.http = start_http_server(
@@ -65,6 +69,7 @@ class Daemon:
             self._status,
             tls=_tls(settings),
             fd=fds[0] if fds else None,
+            stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
         )
         return self.http
 

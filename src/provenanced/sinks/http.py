@@ -6,19 +6,27 @@ a 405 with ``Allow``, HEAD, TLS wrapped per connection (a slow handshake must no
 loop) and serving on an inherited socket-activation fd. The exposition itself is
 prometheus_client's (``choose_encoder`` for text vs OpenMetrics, ``gzip_accepted``).
 
-Limits come from ``BaseHTTPRequestHandler``: a request line over 64 KiB gets 414, a header line
-over 64 KiB or more than 100 headers get 431, a malformed request 400; each connection serves one
-request (HTTP/1.0) and is dropped after ``_TIMEOUT`` seconds of silence.
+A thread per connection, so a scrape never waits for the event loop (and /-/healthy can say the
+loop is stuck instead of going silent with it). What bounds memory and time is ours, not the
+stdlib's (its limits allowed 100 header lines of 64 KiB each, held for as long as the client kept
+sending): at most ``MAX_CONNECTIONS`` at once (the next one gets 503), ``_HEAD_BYTES`` for the
+request line and headers together (414 when the request line alone is over, else 431), and one
+deadline, ``_HEAD_SECONDS`` from accept, for the TLS handshake and the whole head. Each connection
+serves one request (HTTP/1.0); a malformed one gets 400 with a status line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import html
+import io
 import json
+import math
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -37,7 +45,14 @@ from provenanced.model import DaemonStatus
 log = structlog.get_logger(__name__)
 
 DEFAULT_LISTEN: Final = "127.0.0.1:10055"
-_TIMEOUT: Final = 10.0
+# Prometheus sends its whole head (~300 bytes) in one packet; nginx allows 4 x 8 KiB, Node 16 KiB.
+_HEAD_BYTES: Final = 16 * 1024
+_HEAD_SECONDS: Final = 10.0
+# A bound on writing the response (a client that stops reading holds its thread that long).
+_SEND_SECONDS: Final = 10.0
+# A connection costs a thread and at most _HEAD_BYTES of head (~55 KiB measured): 256 of them stay
+# under 15 MiB, and far from the 1,024 file descriptors a user service gets by default.
+MAX_CONNECTIONS: Final = 256
 _ALLOWED: Final = ("GET", "HEAD")
 _LANDING: Final = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>provenanced</title></head>
@@ -97,10 +112,13 @@ def start_http_server(
     *,
     tls: TlsFiles | None = None,
     fd: int | None = None,
+    stalled_for: Callable[[], float] | None = None,
 ) -> HttpServer:
     """Serve on ``listen`` ("host:port", "[v6]:port"), or on the inherited listening socket ``fd``.
 
-    Raises ConfigError, one line, when the address cannot be bound or the TLS files don't load.
+    ``stalled_for`` says how long the event loop has been stuck (0.0 when it runs); /-/healthy
+    fails while it is not 0. Raises ConfigError, one line, when the address cannot be bound or
+    the TLS files don't load.
     """
     context = _tls_context(tls) if tls is not None else None
     server = _Server(
@@ -108,6 +126,7 @@ def start_http_server(
         registry,
         get_status,
         context,
+        stalled_for,
     )
     thread = threading.Thread(target=server.serve_forever, name="http.serve", daemon=True)
     thread.start()
@@ -182,8 +201,54 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+_BUSY: Final = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 32\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b"busy: too many open connections\n"
+)
+
+
+class _HeadTooLargeError(Exception):
+    """The request line and headers went past ``_HEAD_BYTES``."""
+
+
+class _HungUpError(Exception):
+    """The client closed the connection before its request head was complete."""
+
+
+class _HeadSource(io.RawIOBase):
+    """The socket as the request head's source: every read counts against one byte budget and
+    waits no later than one deadline (a client trickling bytes cannot stretch it)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._left = _HEAD_BYTES
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Read what has arrived, at most the budget left, waiting at most until the deadline.
+
+        A connection closed before its first byte (a port check) is a plain end of file.
+        """
+        if self._left <= 0:
+            raise _HeadTooLargeError(f"request head over {_HEAD_BYTES} bytes")
+        wait = self._deadline - time.monotonic()
+        if wait <= 0:
+            raise TimeoutError(f"request head not complete within {_HEAD_SECONDS:g} s")
+        self._sock.settimeout(wait)
+        count = self._sock.recv_into(memoryview(buffer)[: self._left])
+        if count == 0 and self._left < _HEAD_BYTES:
+            raise _HungUpError("connection closed before the end of the request head")
+        self._left -= count
+        return count
+
+
 class _Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer over a socket we already hold, wrapping TLS in the worker thread."""
+    """A ThreadingHTTPServer over a socket we already hold, at most ``MAX_CONNECTIONS`` at once,
+    wrapping TLS in the worker thread."""
 
     daemon_threads = True
 
@@ -193,6 +258,7 @@ class _Server(ThreadingHTTPServer):
         registry: CollectorRegistry,
         get_status: Callable[[], DaemonStatus],
         tls: ssl.SSLContext | None,
+        stalled_for: Callable[[], float] | None,
     ) -> None:
         self.address_family = sock.family
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
@@ -201,20 +267,54 @@ class _Server(ThreadingHTTPServer):
         self.registry = registry
         self.get_status = get_status
         self.tls = tls
+        self.stalled_for = stalled_for
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a thread of its own, or refuse it when every slot is taken."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        """503 and close, never waiting (under TLS just close: no handshake on the accept thread)."""
+        log.debug("http.busy", client=client_address[0], limit=MAX_CONNECTIONS)
+        request.setblocking(False)
+        if self.tls is None:
+            with contextlib.suppress(OSError):
+                request.recv(_HEAD_BYTES)  # what has arrived, so close() sends FIN, not RST
+            with contextlib.suppress(OSError):
+                request.send(_BUSY)
+        self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        """Do the TLS handshake here, on the worker thread, then handle the request."""
+        """Do the TLS handshake here, on the worker thread, then handle the request; both count
+        against the head's deadline."""
+        deadline = time.monotonic() + _HEAD_SECONDS
         if self.tls is None:
-            super().finish_request(request, client_address)
+            _Handler(request, client_address, self, deadline)
             return
-        request.settimeout(_TIMEOUT)
+        # CPython bounds the whole handshake by the timeout, not each read of it.
+        request.settimeout(_HEAD_SECONDS)
         try:
             conn = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.info("http.tls_refused", client=client_address[0], error=str(exc))
             return
         try:
-            super().finish_request(conn, client_address)
+            _Handler(conn, client_address, self, deadline)
         finally:
             conn.close()
 
@@ -227,11 +327,52 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes GET/HEAD to the endpoints; everything else is 404 or 405."""
 
     server_version = f"provenanced/{__version__}"
-    timeout = _TIMEOUT
+    # A request line without a version (or a garbled one) still gets a status line in the reply.
+    default_request_version = "HTTP/1.0"
+
+    def __init__(
+        self, request: Any, client_address: Any, server: _Server, deadline: float | None = None
+    ) -> None:
+        self.deadline = time.monotonic() + _HEAD_SECONDS if deadline is None else deadline
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        """Read the request head through its budget and deadline."""
+        super().setup()
+        self.rfile = io.BufferedReader(_HeadSource(self.connection, self.deadline))
+
+    def handle_one_request(self) -> None:
+        """Read one request within the head's limits and answer it; a client that hangs up or
+        runs out of time costs one debug line."""
+        self.close_connection = True
+        try:
+            if not self._read_request_line() or not self.parse_request():
+                return
+            self.connection.settimeout(_SEND_SECONDS)
+            getattr(self, f"do_{self.command}")()
+            self.wfile.flush()
+        except (_HungUpError, ConnectionError, ssl.SSLError) as exc:
+            log.debug("http.client_hung_up", client=self.client_address[0], error=str(exc))
+        except TimeoutError as exc:
+            log.debug("http.client_too_slow", client=self.client_address[0], error=str(exc))
+
+    def _read_request_line(self) -> bool:
+        try:
+            self.raw_requestline = self.rfile.readline()
+        except _HeadTooLargeError:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return False
+        return True
 
     def parse_request(self) -> bool:
-        """Refuse methods other than GET and HEAD with 405 before any routing."""
-        if not super().parse_request():
+        """Parse within the byte budget (431 past it); refuse methods other than GET and HEAD
+        with 405 before any routing."""
+        try:
+            if not super().parse_request():
+                return False
+        except _HeadTooLargeError as exc:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, explain=str(exc))
             return False
         if self.command in _ALLOWED:
             return True
@@ -271,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._metrics(server.registry)
         if path == "/-/healthy":
-            return _Response(HTTPStatus.OK, b"provenanced is healthy\n")
+            return _healthy(server.stalled_for)
         if path == "/-/ready":
             return _ready(server.get_status())
         if path == "/api/v1/findings":
@@ -299,6 +440,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(response.body)
+
+
+def _healthy(stalled_for: Callable[[], float] | None) -> _Response:
+    stalled = stalled_for() if stalled_for is not None else 0.0
+    if not stalled:
+        return _Response(HTTPStatus.OK, b"provenanced is healthy\n")
+    if math.isinf(stalled):
+        body = b"unhealthy: the event loop is closed\n"
+    else:
+        body = f"unhealthy: the event loop has not run for {stalled:.1f} s\n".encode()
+    return _Response(HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 
 def _ready(status: DaemonStatus) -> _Response:
