@@ -6,10 +6,10 @@ import os
 import random
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +36,16 @@ from provenanced.systemd.events import (
     MANAGER_IFACE,
     MANAGER_PATH,
     PROPERTIES_IFACE,
+    SYSTEMD_NAME,
+    JobNew,
+    JobRemoved,
+    ManagerEvent,
+    ManagerOwnerChanged,
+    PropertiesChanged,
+    Reloading,
+    UnitFilesChanged,
+    UnitNew,
+    UnitRemoved,
     decode_signal,
 )
 from provenanced.systemd.names import (
@@ -113,44 +123,125 @@ _BODIES: dict[str, st.SearchStrategy[list[Any]]] = {
     "b": st.tuples(st.booleans()).map(list),
     "": st.just([]),
     "s": st.tuples(st.text()).map(list),
-    "sss": st.tuples(st.text(), st.text(), st.text()).map(list),
-    "sa{sv}as": st.tuples(st.text(), st.just({}), st.lists(st.text(), max_size=3)).map(list),
+    "sss": st.tuples(st.one_of(st.just(SYSTEMD_NAME), st.text()), st.text(), st.text()).map(list),
+    "sa{sv}as": st.tuples(
+        st.text(),
+        st.dictionaries(st.text(max_size=8), st.text().map(lambda v: Variant("s", v)), max_size=3),
+        st.lists(st.text(), max_size=3),
+    ).map(list),
 }
+# The signals the daemon uses, as org.freedesktop.systemd1(5) and the D-Bus specification
+# define them: member → (interface, an object path it is sent from, signature, event).
+_DOCUMENTED: dict[str, tuple[str, str, str, type[ManagerEvent]]] = {
+    "UnitNew": (MANAGER_IFACE, MANAGER_PATH, "so", UnitNew),
+    "UnitRemoved": (MANAGER_IFACE, MANAGER_PATH, "so", UnitRemoved),
+    "JobNew": (MANAGER_IFACE, MANAGER_PATH, "uos", JobNew),
+    "JobRemoved": (MANAGER_IFACE, MANAGER_PATH, "uoss", JobRemoved),
+    "Reloading": (MANAGER_IFACE, MANAGER_PATH, "b", Reloading),
+    "UnitFilesChanged": (MANAGER_IFACE, MANAGER_PATH, "", UnitFilesChanged),
+    "PropertiesChanged": (
+        PROPERTIES_IFACE,
+        f"{MANAGER_PATH}/unit/x",
+        "sa{sv}as",
+        PropertiesChanged,
+    ),
+    "NameOwnerChanged": (DBUS_NAME, DBUS_PATH, "sss", ManagerOwnerChanged),
+}
+_INTERFACES = [MANAGER_IFACE, PROPERTIES_IFACE, DBUS_NAME, "a.b"]
+_PATHS = [MANAGER_PATH, f"{MANAGER_PATH}/unit/x", f"{MANAGER_PATH}x", DBUS_PATH, "/x"]
+
+
+def _other(values: list[str], than: str) -> st.SearchStrategy[str]:
+    return st.sampled_from([value for value in values if value != than])
 
 
 @st.composite
-def signals(draw: st.DrawFn) -> Message:
-    signature = draw(st.sampled_from(sorted(_BODIES)))
-    return Message(
+def signals(draw: st.DrawFn) -> tuple[Message, bool]:
+    """A signal, and whether it is sent exactly as documented (about the manager's own name).
+
+    Some are documented, some differ from a documented signal in one part, some are random.
+    """
+    member = draw(st.sampled_from([*_DOCUMENTED, "Other"]))
+    parts = ["interface", "path", "signature"]
+    if member == "NameOwnerChanged":
+        parts += ["sender", "name"]
+    # "documented", the one part that differs from the documented signal, or "random".
+    altered = draw(st.sampled_from(["documented", *parts, "random"]))
+    if altered == "random" or member not in _DOCUMENTED:
+        altered = "random"
+        interface = draw(st.sampled_from(_INTERFACES))
+        path = draw(st.sampled_from(_PATHS))
+        signature = draw(st.sampled_from(sorted(_BODIES)))
+    else:
+        interface, path, signature, _ = _DOCUMENTED[member]
+    if altered == "interface":
+        interface = draw(_other(_INTERFACES, interface))
+    elif altered == "path":
+        path = draw(_other(_PATHS, path))
+    elif altered == "signature":
+        signature = draw(_other(sorted(_BODIES), signature))
+    body = draw(_BODIES[signature])
+    sender = draw(st.sampled_from([DBUS_NAME, ":1.1", None]))
+    if altered != "random" and member == "NameOwnerChanged" and signature == "sss":
+        # Only the bus itself announces owners, and only the manager's name concerns us.
+        sender = draw(st.sampled_from([":1.1", None])) if altered == "sender" else DBUS_NAME
+        body[0] = (
+            draw(st.sampled_from(["org.example.Web", ""])) if altered == "name" else SYSTEMD_NAME
+        )
+    message = Message(
         message_type=MessageType.SIGNAL,
-        path=draw(st.sampled_from([MANAGER_PATH, DBUS_PATH, f"{MANAGER_PATH}/unit/x", "/x"])),
-        interface=draw(st.sampled_from([MANAGER_IFACE, PROPERTIES_IFACE, DBUS_NAME, "a.b"])),
-        member=draw(
-            st.sampled_from(
-                [
-                    "UnitNew",
-                    "UnitRemoved",
-                    "JobNew",
-                    "JobRemoved",
-                    "Reloading",
-                    "UnitFilesChanged",
-                    "PropertiesChanged",
-                    "NameOwnerChanged",
-                    "Other",
-                ]
-            )
-        ),
-        sender=draw(st.sampled_from([DBUS_NAME, ":1.1", None])),
+        path=path,
+        interface=interface,
+        member=member,
+        sender=sender,
         signature=signature,
-        body=draw(_BODIES[signature]),
+        body=body,
     )
+    return message, altered == "documented"
+
+
+def _sent_from_the_manager(msg: Message) -> bool:
+    """Sent by the object the documentation names: the manager, one of its units or jobs, or the
+    bus itself for owner changes."""
+    path = msg.path or ""
+    if msg.member == "PropertiesChanged":
+        return path == MANAGER_PATH or path.startswith(MANAGER_PATH + "/")
+    if msg.member == "NameOwnerChanged":
+        return (path, msg.sender) == (DBUS_PATH, DBUS_NAME)
+    return path == MANAGER_PATH
+
+
+def _holds_body(event: ManagerEvent, msg: Message) -> bool:
+    """Whether ``event`` carries exactly what the signal said, Variants unwrapped."""
+    if isinstance(event, PropertiesChanged):
+        interface, changed, invalidated = msg.body
+        unwrapped = {key: value.value for key, value in changed.items()}
+        return (event.unit_path, event.interface, dict(event.changed), event.invalidated) == (
+            msg.path,
+            interface,
+            unwrapped,
+            tuple(invalidated),
+        )
+    if isinstance(event, ManagerOwnerChanged):
+        return bool(msg.body[0] == SYSTEMD_NAME and event.new_owner == msg.body[2])
+    return bool([getattr(event, field.name) for field in fields(event)] == msg.body)
 
 
 class TestSignalDecoding:
+    @settings(max_examples=1000, deadline=None)
     @given(signals())
-    def test_never_raises(self, msg: Message) -> None:
-        """Every well-formed signal, expected or not, decodes to an event or to None."""
-        decode_signal(msg)
+    def test_decodes_only_what_the_signal_says(self, signal: tuple[Message, bool]) -> None:
+        """A signal decodes to None, or to the event its member names when the manager sent it as
+        documented, holding its body; a documented one always decodes; nothing ever raises."""
+        msg, documented = signal
+        event = decode_signal(msg)
+        if documented:
+            assert event is not None
+        if event is not None:
+            interface, _, signature, kind = _DOCUMENTED[msg.member or ""]
+            assert (type(event), msg.interface, msg.signature) == (kind, interface, signature)
+            assert _sent_from_the_manager(msg)
+            assert _holds_body(event, msg)
 
 
 # --- the audit core --------------------------------------------------------------------------
