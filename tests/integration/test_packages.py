@@ -8,6 +8,7 @@ root's ``usr/lib/systemd/user`` as its vendor directory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -98,8 +99,8 @@ class PackageRoot:
         )
 
 
-def _run(argv: list[str], env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
 
 
@@ -139,7 +140,7 @@ def read_as(daemon: Running, path: Path, body: str) -> bool:
     """Whether the daemon's last look at ``path`` saw ``body``, with the MD5 dpkg checks."""
     obs = daemon.engine.state.observation
     fact = obs.facts.get(str(path)) if obs is not None else None
-    return fact is not None and fact.md5 is not None and fact.size == len(body)
+    return fact is not None and fact.md5 == hashlib.md5(body.encode()).hexdigest()
 
 
 def release(gate: Path) -> bool:
