@@ -517,6 +517,27 @@ class TestAuditPackages:
         (finding,) = audit(vendor_obs(fact), WITH_PACKAGES)
         assert (finding.kind, finding.detail) == (K.PACKAGE_MODIFIED, detail)
 
+    def test_a_packaged_name_the_manager_never_reads_is_vouched_by_ownership(self) -> None:
+        """No hash was taken (not a unit name): its content cannot matter, its owner vouches."""
+        index = replace(
+            PACKAGES,
+            files=frozen_map(
+                {
+                    **PACKAGES.files,
+                    f"{VENDOR}/README": PackagedFile(f"{VENDOR}/README", ("x",), frozenset({"m"})),
+                }
+            ),
+        )
+        readme = replace(vendor_file(f"{VENDOR}/README", md5=None), sha256=None)
+        assert audit(vendor_obs(readme), replace(EXPECT, packages=index)) == ()
+
+    def test_a_packaged_file_too_large_to_read_is_not_vouched_for(self) -> None:
+        """Content not read (over the cap) cannot match the package's checksum; the detail says why."""
+        big = replace(vendor_file(DBUS, md5=None), sha256=None, error="too large to hash")
+        (finding,) = audit(vendor_obs(big), WITH_PACKAGES)
+        assert finding.kind is K.PACKAGE_MODIFIED
+        assert "(md5 unreadable: too large to hash, dpkg recorded m-dbus)" in finding.detail
+
     def test_a_file_no_package_owns_is_unowned(self) -> None:
         """A file the database does not list is package-unowned, a warning."""
         stray = f"{VENDOR}/stray.service"
