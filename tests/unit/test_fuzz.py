@@ -25,6 +25,8 @@ from provenanced.model import (
     Finding,
     FindingKind,
     Observation,
+    PackagedFile,
+    PackageIndex,
     Tier,
     UnitDir,
     UnitRecord,
@@ -284,6 +286,7 @@ facts = st.builds(
     mode=st.sampled_from([None, 0o644, 0o666, 0o620, 0o444]),
     size=st.sampled_from([None, 0, 10]),
     sha256=SHAS,
+    md5=SHAS,
     mtime_ns=st.sampled_from([None, 1]),
     inode=st.sampled_from([None, 1, 2]),
     error=st.sampled_from([None, "Permission denied", "Too many levels of symbolic links"]),
@@ -299,6 +302,26 @@ units = st.builds(
 )
 expected_links = st.builds(
     ExpectedLink, path=paths, target=targets.map(str), resolved=targets, sha256=SHAS
+)
+VENDOR = DIRS[4].path
+packaged_files = st.builds(
+    PackagedFile,
+    path=st.sampled_from([p for p in PATHS if p.startswith(VENDOR + "/")]),
+    packages=st.sampled_from([("systemd",), ("a", "b:amd64")]),
+    digests=st.frozensets(st.sampled_from(["s1", "s2"]), max_size=2),
+)
+package_indexes = st.one_of(
+    st.none(),
+    st.builds(
+        PackageIndex,
+        manager=st.just("dpkg"),
+        digest=st.sampled_from(["md5", "sha256"]),
+        dirs=st.sampled_from([frozenset({VENDOR}), frozenset()]),
+        files=st.lists(packaged_files, max_size=4).map(
+            lambda fs: frozen_map({f.path: f for f in fs})
+        ),
+        diverted=st.sampled_from([frozen_map({}), frozen_map({f"{VENDOR}/web.service": "/x"})]),
+    ),
 )
 baseline_entries = st.builds(
     BaselineEntry,
@@ -336,6 +359,7 @@ def cases(draw: st.DrawFn) -> tuple[Observation, Expectations]:
             {e.path: e for e in draw(st.lists(expected_links, max_size=6))}
         ),
         baseline=frozen_map({e.path: e for e in draw(st.lists(baseline_entries, max_size=6))}),
+        packages=draw(package_indexes),
     )
     return obs, exp
 
@@ -354,10 +378,13 @@ _PATH_KINDS = frozenset(
         FindingKind.UNSAFE_MODE,
     }
 )
+# Kinds only the package database gives: their path is in a directory the index covers.
+_PACKAGE_KINDS = frozenset({FindingKind.PACKAGE_MODIFIED, FindingKind.PACKAGE_UNOWNED})
 
 
 def _known_paths(obs: Observation, exp: Expectations) -> set[str]:
     known = {*obs.facts, *obs.scanned_files, *exp.home_manager_links, *exp.baseline}
+    known.update(exp.packages.files if exp.packages is not None else ())
     for unit in obs.units.values():
         known.add(unit.fragment_path)
         known.update(unit.dropin_paths)
@@ -387,6 +414,7 @@ def _shuffled(obs: Observation, exp: Expectations, seed: int) -> tuple[Observati
             home_manager_files=exp.home_manager_files,
             home_manager_links=mix(exp.home_manager_links),
             baseline=mix(exp.baseline),
+            packages=exp.packages and replace(exp.packages, files=mix(exp.packages.files)),
         ),
     )
 
@@ -409,9 +437,13 @@ class TestAuditCore:
             assert finding.path in known, finding
             assert finding.severity in ("critical", "warning", "info")
             assert finding.detail
-            if finding.kind in _PATH_KINDS:
-                loc = locate(finding.path, dirs)
-                assert loc is not None and loc.unit_dir.tier in AUDITED_TIERS, finding
+            loc = locate(finding.path, dirs)
+            packaged = exp.packages.dirs if exp.packages is not None else frozenset()
+            if finding.kind in _PACKAGE_KINDS:
+                assert loc is not None and loc.unit_dir.path in packaged, finding
+            elif finding.kind in _PATH_KINDS:
+                in_packaged = loc is not None and loc.unit_dir.path in packaged
+                assert loc is not None and (loc.unit_dir.tier in AUDITED_TIERS or in_packaged)
         # The order of the inputs does not matter: the same findings, in the same order.
         assert audit(*_shuffled(obs, exp, seed)) == found
 

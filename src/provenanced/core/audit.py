@@ -12,6 +12,7 @@ from provenanced.core.vouching import (
     in_linked_managed_dir,
     is_under,
     matches_expected,
+    package_state,
     same_as_baseline,
     through_expected_dir,
 )
@@ -24,6 +25,7 @@ from provenanced.model import (
     Finding,
     FindingKind,
     Observation,
+    PackageIndex,
     Severity,
     UnitDir,
     UnitRecord,
@@ -46,6 +48,11 @@ SEVERITY: Mapping[FindingKind, Severity] = {
     K.JOB_UNVERIFIED: "critical",
     K.FOREIGN_OWNER: "critical",
     K.UNSAFE_MODE: "critical",
+    # Edited in place: what runs is not what the package shipped, and its next upgrade will
+    # silently overwrite the edit; as a divergent replaced link, it pages.
+    K.PACKAGE_MODIFIED: "critical",
+    # Nothing vouches for it, as for an unmanaged unit file in a user directory.
+    K.PACKAGE_UNOWNED: "warning",
 }
 
 # When one path yields several of these, only the most specific is reported.
@@ -111,6 +118,7 @@ class Judge:
             path in obs.scanned_files
             or path in self.exp.home_manager_links
             or path in self.exp.baseline
+            or (self.exp.packages is not None and path in self.exp.packages.files)
         )
 
     def path(self, obs: Observation, path: str, unit_hint: str | None) -> Iterator[Finding]:
@@ -124,6 +132,11 @@ class Judge:
     def locate(self, path: str) -> Location | None:
         """The unit directory ``path`` lives in, and the unit it belongs to."""
         return locate(path, self.dirs)
+
+    def packages_of(self, loc: Location) -> PackageIndex | None:
+        """The package database that vouches for files in this location's directory, if any."""
+        packages = self.exp.packages
+        return packages if packages is not None and loc.unit_dir.path in packages.dirs else None
 
     @staticmethod
     def fact(obs: Observation, path: str) -> FileFact:
@@ -356,14 +369,62 @@ def _check_unexpected_link(
     )
 
 
+def _check_packaged(
+    packages: PackageIndex, unit: str, loc: Location, path: str, fact: FileFact
+) -> Iterator[Finding]:
+    state = package_state(path, fact, packages)
+    entry = packages.files.get(path)
+    if state == "intact" or fact.kind is FileKind.DIRECTORY:
+        return
+    if entry is None:
+        if fact.kind is FileKind.MISSING:
+            return
+        diverted = packages.diverted.get(path)
+        moved = f"; it diverts the packaged file to {diverted}" if diverted else ""
+        yield _finding(
+            K.PACKAGE_UNOWNED,
+            unit,
+            path,
+            f"no package owns this {loc.unit_dir.tier.value}-tier file "
+            f"(not in the {packages.manager} database){moved}",
+        )
+        return
+    names = ", ".join(entry.packages)
+    if state == "missing":
+        why = f" ({fact.error})" if fact.error else ""
+        detail = f"missing{why}: package {names} installed it ({packages.manager})"
+    elif fact.kind is not FileKind.FILE:
+        found = f"a symlink to {fact.target}" if fact.kind is FileKind.SYMLINK else "something else"
+        detail = f"{found} where package {names} installed a regular file ({packages.manager})"
+    else:
+        digest = fact.md5 if packages.digest == "md5" else fact.sha256
+        now = _short(digest) if digest else f"unreadable: {fact.error or 'not hashed'}"
+        recorded = ", ".join(sorted(_short(d) for d in entry.digests))
+        detail = (
+            f"differs from the file package {names} installed "
+            f"({packages.digest} {now}, {packages.manager} recorded {recorded})"
+        )
+    yield _finding(K.PACKAGE_MODIFIED, unit, path, detail)
+
+
 def _check_path(
     judge: Judge, obs: Observation, path: str, unit_hint: str | None
 ) -> Iterator[Finding]:
     loc = judge.locate(path)
-    if loc is None or loc.unit_dir.tier not in AUDITED_TIERS:
+    if loc is None:
+        return
+    packages = judge.packages_of(loc)
+    if loc.unit_dir.tier not in AUDITED_TIERS and packages is None:
         return
     unit = unit_hint or loc.unit
     fact = judge.fact(obs, path)
+    if packages is not None:
+        # The package database alone vouches for its directories: Home Manager and the
+        # baseline never reach them.
+        if fact.kind is not FileKind.MISSING:
+            yield from _check_owner_and_mode(judge, obs, loc, path, fact)
+        yield from _check_packaged(packages, unit, loc, path, fact)
+        return
     if fact.kind is FileKind.MISSING:
         missing = tuple(_check_missing(judge, obs, path, unit))
         if not missing and fact.error:
@@ -471,11 +532,17 @@ def drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
     return tuple(sorted(kept, key=lambda f: (f.unit, f.kind.value, f.path)))
 
 
+def expected_paths(exp: Expectations) -> set[str]:
+    """Every path something expects to exist: judged even when nothing scanned or loaded it."""
+    packaged = exp.packages.files if exp.packages is not None else ()
+    return {*exp.home_manager_links, *exp.baseline, *packaged}
+
+
 def audit(obs: Observation, exp: Expectations) -> tuple[Finding, ...]:
     """Every drift in one observation, judged against what is expected; sorted, no duplicates."""
     judge = Judge.build(exp, obs.unit_dirs)
     owned = owners(obs.units.values())
-    paths = {*obs.scanned_files, *exp.home_manager_links, *exp.baseline, *owned}
+    paths = {*obs.scanned_files, *expected_paths(exp), *owned}
     findings: list[Finding] = []
     for path in paths:
         findings.extend(judge.path(obs, path, owned.get(path)))

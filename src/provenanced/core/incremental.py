@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import chain
 
-from provenanced.core.audit import Judge, drop_subsumed
+from provenanced.core.audit import Judge, drop_subsumed, expected_paths
 from provenanced.core.unitpath import locate
 from provenanced.model import Expectations, Finding, Observation, UnitRecord
 
@@ -25,7 +25,7 @@ class IncrementalAudit:
         self._by_unit: dict[str, tuple[Finding, ...]] = {}
         for unit in obs.units.values():
             self._index(unit)
-        self._judge_paths(obs, {*obs.scanned_files, *exp.home_manager_links, *exp.baseline})
+        self._judge_paths(obs, {*obs.scanned_files, *expected_paths(exp)})
         self._judge_paths(obs, self._defined_by)
         self._judge_units(obs, obs.units)
         self.findings = self._merge()

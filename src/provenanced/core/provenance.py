@@ -28,6 +28,16 @@ class FileProvenance:
     target: str | None
     owner: Owner
     sha256: str | None
+    package: str | None = None  # the package(s) the database says installed it, vouched or not
+
+    @property
+    def owner_label(self) -> str:
+        """The OWNER cell of ``show``: who vouches, with the package that installed the file."""
+        if self.package is None:
+            return self.owner.value
+        if self.owner is Owner.PACKAGE:
+            return f"package:{self.package}"
+        return f"{self.owner.value} ({self.package}, modified)"
 
     def to_json(self) -> dict[str, str | None]:
         """The ``show --json`` shape of one file."""
@@ -37,6 +47,7 @@ class FileProvenance:
             "kind": self.kind,
             "target": self.target,
             "owner": self.owner.value,
+            "package": self.package,
             "sha256": self.sha256,
         }
 
@@ -70,8 +81,15 @@ def _file_provenance(
     tier = loc.unit_dir.tier if loc else None
     kind = "masked" if fact.masked or path == "/dev/null" else fact.kind.value
     owner = vouch(path, fact, exp, tier_is_system=tier in SYSTEM_TIERS)
+    packaged = exp.packages.files.get(path) if exp.packages is not None else None
     return FileProvenance(
-        path, tier.value if tier else "custom", kind, fact.target, owner, fact.sha256
+        path,
+        tier.value if tier else "custom",
+        kind,
+        fact.target,
+        owner,
+        fact.sha256,
+        ", ".join(packaged.packages) if packaged else None,
     )
 
 

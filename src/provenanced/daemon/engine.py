@@ -31,6 +31,7 @@ from provenanced.daemon.observer import Observer, baseline_facts, user_dirs
 from provenanced.errors import ManagerCallError, ManagerUnreachableError, StateError
 from provenanced.expect import baseline
 from provenanced.expect.generation import GCROOT
+from provenanced.expect.packages import open_database
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import Overflow, UnitDirWatcher, WatchEvent, WatchLimitReached
 from provenanced.model import DaemonStatus, JobChecks, Observation, Transition, frozen_map
@@ -89,7 +90,15 @@ class Engine:
         self._reading = asyncio.Lock()
         self._baseline_stamp: tuple[int, int, int, int] | None = None
         gcroots = posixpath.dirname(posixpath.join(self.dirs.home, GCROOT))
-        self._places = WatchedPlaces(self.state_dir, baseline.BASELINE_FILE, gcroots)
+        provenance = settings.provenance
+        # Outlives connections, like the hash cache: it re-reads only the info files that changed.
+        self._packages = open_database(provenance.packages, provenance.package_root)
+        packages_dir, packages_files = (
+            self._packages.watched if self._packages is not None else (None, frozenset[str]())
+        )
+        self._places = WatchedPlaces(
+            self.state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files
+        )
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
@@ -117,10 +126,15 @@ class Engine:
     def follow_settings(self, settings: Settings) -> None:
         """Take a reloaded configuration's policy and provenance sections, and look again."""
         if settings.provenance != self.settings.provenance:
-            self.state.follow_roots(settings.provenance.managed_roots)
+            provenance = settings.provenance
+            self.state.follow_roots(provenance.managed_roots)
+            # Watched places stay as they were: a database added here is read at each resync.
+            self._packages = open_database(provenance.packages, provenance.package_root)
             if self._observer is not None:
-                self._observer.managed_roots = settings.provenance.managed_roots
-                self._observer.read_home_manager = settings.provenance.home_manager
+                self._observer.managed_roots = provenance.managed_roots
+                self._observer.read_home_manager = provenance.home_manager
+                self._observer.packages = self._packages
+                self._observer.system_root = provenance.package_root
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
@@ -176,7 +190,13 @@ class Engine:
                 await manager.subscribe(conn, self._on_signal)
                 provenance = self.settings.provenance
                 self._observer = Observer(
-                    conn, self.dirs, provenance.managed_roots, provenance.home_manager, self._reader
+                    conn,
+                    self.dirs,
+                    provenance.managed_roots,
+                    provenance.home_manager,
+                    self._reader,
+                    self._packages,
+                    provenance.package_root,
                 )
                 await self._reread([FullResync("connected", time.monotonic(), True)])
                 self.connected.set()
@@ -243,7 +263,7 @@ class Engine:
             return
         if self._watcher is not None:
             self._watcher.close()
-        self._watcher = UnitDirWatcher(roots, [self._places.gcroots_dir, self.state_dir])
+        self._watcher = UnitDirWatcher(roots, self._places.extra_dirs)
         self._watcher.refresh()
         self._spawn(self._watch_files(self._watcher), "fs.watch")
 

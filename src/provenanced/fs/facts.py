@@ -199,3 +199,42 @@ def scan_unit_dir(directory: str) -> Iterator[str]:
                 continue
         elif not entry.is_dir(follow_symlinks=False):
             yield entry.path
+
+
+class Md5Reader:
+    """MD5s of regular files, what dpkg records per file; cached by identity like the sha256s.
+
+    Apart from ``FactReader`` on purpose: only the files a package database checks pay for it.
+    At most ``UNIT_FILE_MAX`` bytes are read, as for the sha256s: a larger file has no MD5.
+    """
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, tuple[_HashKey, str]] = {}
+
+    def read(self, path: str) -> str | None:
+        """The MD5 of the regular file at ``path``; None for a link, a non-file or an error."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            cached = self._hashes.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            digest = hashlib.md5(usedforsecurity=False)
+            left = UNIT_FILE_MAX + 1
+            while left and (chunk := os.read(fd, min(_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if not left:
+            return None  # over the cap: what the manager would refuse to read is no unit file
+        self._hashes[path] = (key, digest.hexdigest())
+        return digest.hexdigest()

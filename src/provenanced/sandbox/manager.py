@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,6 +55,7 @@ class Sandbox:
         keep: bool = False,
         timeout: float = 30.0,
         systemd_binary: Path = SYSTEMD_BINARY,
+        unit_dirs: Sequence[Path] = (),
     ) -> None:
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="provenanced-sandbox-")) if root is None else root
@@ -62,6 +63,8 @@ class Sandbox:
         self.keep = keep
         self.timeout = timeout
         self.systemd_binary = systemd_binary
+        # More search-path directories, after the admin tier (a vendor tier of a package root).
+        self.unit_dirs = tuple(unit_dirs)
         self.home = self.root / "home"
         self.runtime_dir = self.root / "run"
         self.admin_dir = self.root / "etc/systemd/user"
@@ -131,8 +134,8 @@ class Sandbox:
             PATH=SYSTEM_PATH,
             USER=user,
             LOGNAME=user,
-            # The trailing colon prepends admin_dir to the default path instead of replacing it.
-            SYSTEMD_UNIT_PATH=f"{self.admin_dir}:",
+            # The trailing colon prepends these to the default path instead of replacing it.
+            SYSTEMD_UNIT_PATH=":".join(map(str, (self.admin_dir, *self.unit_dirs))) + ":",
             # Console, i.e. manager.log, so a failed boot can show why.
             SYSTEMD_LOG_TARGET="console",
         )

@@ -6,13 +6,22 @@ import os
 from pathlib import Path
 
 from provenanced.daemon.observer import (
+    _as_before,
     _definition_candidates,
     baseline_facts,
     matches,
     scan_files,
     user_dirs,
 )
-from provenanced.model import FileFact, FileKind, Observation, Tier, UnitDir, frozen_map
+from provenanced.model import (
+    FileFact,
+    FileKind,
+    Observation,
+    PackageIndex,
+    Tier,
+    UnitDir,
+    frozen_map,
+)
 
 
 def tree(tmp_path: Path) -> tuple[UnitDir, ...]:
@@ -65,6 +74,12 @@ class TestScanFiles:
             str(config / "tpl@.service"),
         }
 
+    def test_scans_the_packaged_vendor_directories_too(self, tmp_path: Path) -> None:
+        """A vendor directory a package database speaks for is scanned for its files."""
+        dirs = tree(tmp_path)
+        vendor = str(tmp_path / "vendor")
+        assert str(tmp_path / "vendor" / "dbus.service") in scan_files(dirs, packaged=[vendor])
+
 
 class TestDefinitionCandidates:
     def test_names_every_file_the_manager_would_read_for_a_unit(self, tmp_path: Path) -> None:
@@ -82,6 +97,31 @@ class TestDefinitionCandidates:
         assert str(tmp_path / "config" / "tpl@.service") in set(
             _definition_candidates("tpl@x.service", tree(tmp_path))
         )
+
+
+class TestAsBefore:
+    def test_keeps_the_packaged_files_as_they_were_and_takes_the_rest(self) -> None:
+        """Mid-run, the packaged directory is what the last look saw; other directories are new."""
+        vendor, config = "/usr/lib/systemd/user", "/home/u/.config/systemd/user"
+        dirs = (UnitDir(config, Tier.CONFIG, 0), UnitDir(vendor, Tier.VENDOR, 1))
+        index = PackageIndex("dpkg", "md5", frozenset({vendor}))
+
+        def look(*facts: FileFact) -> Observation:
+            return Observation(
+                units=frozen_map(),
+                facts=frozen_map({f.path: f for f in facts}),
+                unit_dirs=dirs,
+                uid=0,
+                scanned_files=frozenset(f.path for f in facts),
+            )
+
+        old_unit = FileFact(f"{vendor}/a.service", FileKind.FILE, sha256="old")
+        new_unit = FileFact(f"{vendor}/a.service", FileKind.FILE, sha256="new")
+        unpacked = FileFact(f"{vendor}/a.service.dpkg-tmp", FileKind.FILE, sha256="old")
+        mine = FileFact(f"{config}/b.service", FileKind.FILE, sha256="mine")
+        kept = _as_before(look(new_unit, unpacked, mine), look(old_unit), index)
+        assert dict(kept.facts) == {old_unit.path: old_unit, mine.path: mine}
+        assert kept.scanned_files == {old_unit.path, mine.path}
 
 
 class TestBaselineFacts:
