@@ -297,8 +297,8 @@ class Engine:
             batch = [await self._changes.get()]
             while not self._changes.empty():
                 batch.append(self._changes.get_nowait())
-            if self._conn is None or self.state.observation is None:
-                continue  # the reconnect does a full resync anyway
+            if self._observer is None or self.state.observation is None:
+                continue  # not connected (or still subscribing): the connect's full resync follows
             started = min(
                 (c.monotonic for c in batch if not isinstance(c, BaselineChanged)), default=None
             )
@@ -320,10 +320,11 @@ class Engine:
 
     async def _reread(self, batch: Sequence[Change]) -> None:
         """Re-read what ``batch`` touched, update the state, and let alerts and actions follow."""
-        assert self._observer is not None
+        observer = self._observer
+        assert observer is not None, "re-read without a connection"
         started = time.monotonic()
         async with self._reading:
-            reading = await self._observer.read(batch, self.state.observation)
+            reading = await observer.read(batch, self.state.observation)
             full = reading.touched is None
             if full:
                 self._start_watching(reading.observation)
