@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from provenanced.core.index import PathIndex
+from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
 from provenanced.core.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
 from provenanced.daemon.changes import Change, FullResync, PathChanged, UnitChanged
@@ -119,7 +120,12 @@ class Observer:
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
             self._generation = await asyncio.to_thread(
-                read_generation, self.dirs.home, unit_dirs, self.reader, self._generation
+                read_generation,
+                self.dirs.home,
+                unit_dirs,
+                self.reader,
+                self._generation,
+                quadlet_source_dirs(self.dirs, os.getuid()),
             )
         else:
             self._generation = HomeManagerGeneration()
@@ -202,7 +208,7 @@ class Observer:
         records = await manager.get_unit_records(self.conn, sorted(affected))
         facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
-        paths.update(p for record in records.values() for p in record.definition_paths)
+        paths.update(p for record in records.values() for p in _own_paths(record))
         for name in affected:
             old = units.pop(name, None)
             if old is not None:
@@ -222,7 +228,7 @@ class Observer:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
         for record in records:
-            paths.update(record.definition_paths)
+            paths.update(_own_paths(record))
         return await self.read_paths(paths)
 
     async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
@@ -230,12 +236,18 @@ class Observer:
         return await asyncio.to_thread(self.reader.read_many, sorted(paths))
 
 
+def _own_paths(record: UnitRecord) -> tuple[str, ...]:
+    """The files a unit is made of: its definition files and the source it was generated from."""
+    return (*record.definition_paths, *filter(None, [record.source_path]))
+
+
 def baseline_facts(obs: Observation) -> list[FileFact]:
-    """The facts a new baseline records: every existing file in an audited tier."""
+    """The facts a new baseline records: every existing file in an audited tier, and every source."""
     by_path = {d.path: d for d in obs.unit_dirs}
+    sources = {u.source_path for u in obs.units.values()}
     result = []
     for path, fact in obs.facts.items():
         loc = locate(path, by_path)
-        if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+        if path in sources or (loc is not None and loc.unit_dir.tier in AUDITED_TIERS):
             result.append(fact)
     return result
