@@ -6,7 +6,7 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from provenanced.core.index import PathIndex
@@ -184,7 +184,7 @@ class Observer:
                 paths |= inside
                 scanned -= inside
         facts = dict(obs.facts)
-        facts.update(await self.read_paths(paths))
+        facts.update(await self.read_paths(paths, {u.source_path for u in obs.units.values()}))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
@@ -227,13 +227,20 @@ class Observer:
     ) -> dict[str, FileFact]:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
+        sources = set()
         for record in records:
             paths.update(_own_paths(record))
-        return await self.read_paths(paths)
+            sources.add(record.source_path)
+        return await self.read_paths(paths, sources)
 
-    async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
-        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
-        return await asyncio.to_thread(self.reader.read_many, sorted(paths))
+    async def read_paths(
+        self, paths: Iterable[str], sources: Collection[str] = ()
+    ) -> dict[str, FileFact]:
+        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop.
+
+        ``sources`` are generated units' sources, hashed although not named like units.
+        """
+        return await asyncio.to_thread(self.reader.read_many, sorted(paths), sources)
 
 
 def _own_paths(record: UnitRecord) -> tuple[str, ...]:

@@ -47,7 +47,7 @@ def read_generation(
             continue
         for source in _walk_files(posixpath.join(home_files, relative)):
             path = posixpath.join(home, posixpath.relpath(source, home_files))
-            fact = reader.read(source)
+            fact = reader.read(source, source=directory in source_dirs)
             links[path] = ExpectedLink(path, source, fact.resolved or None, fact.sha256)
     return HomeManagerGeneration(generation, home_files, frozen_map(links), dirs)
 

@@ -3,7 +3,8 @@
 It follows quadlet's real operation, as podman's cmd/quadlet/main.go does it: run by the manager
 at every daemon-reload with the normal generator directory as argv[1]; read the rootless search
 path in order (a name found earlier wins); write one unit per source, ``web.container`` →
-``web.service``, with ``SourcePath=`` the source as found, not resolved. The ``[Container]`` to
+``web.service``, with ``SourcePath=`` the source as found, not resolved; ``WantedBy=`` in
+``[Install]`` becomes a ``<target>.wants/`` link in the output directory. The ``[Container]`` to
 ``[Service]`` translation is left out: the unit only echoes the image it would run.
 """
 
@@ -33,6 +34,10 @@ for dir in "${XDG_CONFIG_HOME:-$HOME/.config}/containers/systemd" \
         printf '[Unit]\nDescription=%s container (generated)\nSourcePath=%s\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/echo %s\n' \
             "$name" "$src" "$image" > "$tmp"
         mv "$tmp" "$out/$name.service"
+        for target in $(sed -n 's/^WantedBy=//p' "$src"); do
+            mkdir -p "$out/$target.wants"
+            ln -sf "../$name.service" "$out/$target.wants/$name.service"
+        done
     done
 done
 """
