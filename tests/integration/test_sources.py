@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +88,38 @@ class TestGeneratedUnitSources:
         shown = linked_source.show(UNIT, "SourcePath", "FragmentPath")
         assert shown["SourcePath"] == str(linked_source.home / SOURCE_REL)
         assert shown["FragmentPath"] == str(linked_source.runtime_dir / "systemd/generator" / UNIT)
+
+    def test_show_and_audit_name_the_source(self, linked_source: Sandbox) -> None:
+        """``show`` has a source row owned by Home Manager; ``audit`` reports the replaced source."""
+        source = linked_source.home / SOURCE_REL
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "provenanced", *args],
+                env=linked_source.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        shown = json.loads(cli("show", "--json", UNIT).stdout)[0]["source"]
+        assert (shown["path"], shown["owner"], shown["kind"]) == (
+            str(source),
+            "home-manager",
+            "symlink",
+        )
+        table = cli("show", UNIT).stdout
+        assert any(
+            line.split()[:4] == ["source", "source", "symlink", "home-manager"]
+            for line in table.splitlines()
+        ), table
+        source.unlink()
+        source.write_text(EDIT)
+        result = cli("audit", "--json", UNIT)
+        found = {(f["kind"], f["path"]) for f in json.loads(result.stdout)["findings"]}
+        assert result.returncode == 1
+        assert ("link-replaced", str(source)) in found
 
     async def test_replaced_home_manager_source_link(self, linked_source: Sandbox) -> None:
         """A Home Manager source link replaced by an edited file: link-replaced, kept past the reload."""
