@@ -133,6 +133,35 @@ class TestGeneratedUnitSources:
             source = plain_source.home / SOURCE_REL
             await _edited_and_reloaded(plain_source, running, source, K.UNMANAGED_UNIT)
 
+    async def test_home_manager_podman_form_is_clean(self) -> None:
+        """Home Manager's services.podman: the unit is a Home Manager link, its source a store file."""
+        sandbox = Sandbox()
+        try:
+            store_source = sandbox.store / "hhhh-quadlet-proxy" / "hmproxy.container"
+            store_source.parent.mkdir(parents=True)
+            store_source.write_text(container_source("docker.io/library/nginx:1.25"))
+            store_source.chmod(0o444)
+            files = example_units()
+            files[".config/systemd/user/hmproxy.service"] = (
+                f"[Unit]\nSourcePath={store_source}\n\n"
+                "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+            )
+            sandbox.install_home_manager(files)
+            sandbox.start()
+            sandbox.systemctl("start", "hmproxy.service")
+            assert sandbox.show("hmproxy.service", "SourcePath")["SourcePath"] == str(store_source)
+            settings = settings_for(sandbox)
+            settings = settings.model_copy(
+                update={"provenance": ProvenanceSettings(managed_roots=(str(sandbox.store),))}
+            )
+            async with start_daemon(sandbox, settings) as running:
+                observation = running.engine.state.observation
+                assert observation is not None
+                assert observation.units["hmproxy.service"].source_path == str(store_source)
+                assert running.findings() == set()
+        finally:
+            sandbox.stop()
+
     async def test_a_source_directory_created_later_is_watched(self, plain_source: Sandbox) -> None:
         """A quadlet directory that appears while the daemon runs is watched from then on."""
         runtime_dir = plain_source.runtime_dir / "containers/systemd"
