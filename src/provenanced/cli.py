@@ -160,7 +160,11 @@ async def _show(args: argparse.Namespace) -> int:
                 (f.sha256 or "-")[:12],
                 f.path + (f" -> {f.target}" if f.target else ""),
             )
-            for role, f in [("fragment", unit.fragment)] + [("drop-in", d) for d in unit.dropins]
+            for role, f in [
+                ("fragment", unit.fragment),
+                *[("drop-in", d) for d in unit.dropins],
+                ("source", unit.source),
+            ]
             if f is not None
         ]
         if rows:

@@ -6,10 +6,12 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from provenanced.core.sources import is_vendor_source
 from provenanced.core.unitpath import AUDITED_TIERS, USER_TIERS, Location, locate
 from provenanced.core.vouching import (
     home_manager_files_dir,
     in_linked_managed_dir,
+    in_managed_root,
     is_under,
     matches_expected,
     package_state,
@@ -73,9 +75,10 @@ def _finding(kind: FindingKind, unit: str, path: str, detail: str) -> Finding:
 
 
 def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
-    """A hash of what defines a unit: each fragment/drop-in path with its content hash."""
+    """A hash of what defines a unit: each fragment/drop-in/source path with its content hash."""
     digest = hashlib.sha256()
-    for path in unit.definition_paths:
+    # The source counts: an edit that keeps its mtime is invisible to NeedDaemonReload.
+    for path in (*unit.definition_paths, *filter(None, [unit.source_path])):
         fact = facts.get(path)
         digest.update(f"{path}\0{fact.sha256 if fact else ''}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
@@ -124,6 +127,10 @@ class Judge:
     def path(self, obs: Observation, path: str, unit_hint: str | None) -> Iterator[Finding]:
         """Findings about one file (``unit_hint``: the loaded unit that owns it, if any)."""
         return _check_path(self, obs, path, unit_hint)
+
+    def source(self, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
+        """Findings about the file a generated ``unit`` was made from (its ``SourcePath``)."""
+        return _check_source(self, obs, path, unit)
 
     def unit(self, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
         """Findings about one loaded unit as a whole."""
@@ -189,13 +196,35 @@ def _check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Iter
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """What a judged file is to its unit: where it sits, and what an unvouched one is called."""
+
+    unit: str
+    unmanaged: FindingKind
+    where: str  # the start of an "unmanaged" detail
+    user_tier: bool  # a file only the user should own
+    can_mask: bool  # an empty file or a /dev/null link here masks the unit
+
+
+def _place_of(loc: Location) -> _Place:
+    return _Place(
+        loc.unit,
+        K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT,
+        f"a file in the {loc.unit_dir.tier.value} tier",
+        loc.unit_dir.tier in USER_TIERS,
+        # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
+        not loc.is_dropin,
+    )
+
+
 def _check_owner_and_mode(
-    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
+    judge: Judge, obs: Observation, place: _Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     if in_linked_managed_dir(fact, judge.exp):
         return  # a read-only store file, root-owned by design: nobody rewrites it in place
-    if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != obs.uid:
+    if place.user_tier and fact.uid is not None and fact.uid != obs.uid:
         what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
         yield _finding(
             K.FOREIGN_OWNER,
@@ -269,25 +298,20 @@ def _check_expected(
         )
 
 
-def _unmanaged_kind(loc: Location) -> FindingKind:
-    return K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT
-
-
 def _check_unexpected(
-    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
+    judge: Judge, obs: Observation, place: _Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     base = judge.exp.baseline.get(path)
-    # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
     if (
         fact.masked
-        and not loc.is_dropin
+        and place.can_mask
         and (unit in judge.expected_units or (base is not None and not _base_masked(base)))
     ):
         yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
         return
     if fact.kind is FileKind.SYMLINK:
-        yield from _check_unexpected_link(judge, obs, loc, path, fact, base)
+        yield from _check_unexpected_link(judge, obs, place, path, fact, base)
     elif (base is not None and same_as_baseline(fact, base)) or in_linked_managed_dir(
         fact, judge.exp
     ):
@@ -308,17 +332,17 @@ def _check_unexpected(
             )
         elif base is not None and not fact.error:
             yield _finding(
-                _unmanaged_kind(loc),
+                place.unmanaged,
                 unit,
                 path,
                 f"content changed since the accepted baseline (sha256 {_short(base.sha256)} → {_short(fact.sha256)})",
             )
         else:
             yield _finding(
-                _unmanaged_kind(loc),
+                place.unmanaged,
                 unit,
                 path,
-                f"a file in the {loc.unit_dir.tier.value} tier that neither Home Manager, a managed root "
+                f"{place.where} that neither Home Manager, a managed root "
                 f"nor the accepted baseline vouches for{_unread(fact)}",
             )
 
@@ -330,12 +354,12 @@ def _base_masked(base: BaselineEntry) -> bool:
 def _check_unexpected_link(
     judge: Judge,
     obs: Observation,
-    loc: Location,
+    place: _Place,
     path: str,
     fact: FileFact,
     base: BaselineEntry | None,
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     vouched = base is not None and same_as_baseline(fact, base)
     if fact.dangling and not vouched:
         yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
@@ -361,7 +385,7 @@ def _check_unexpected_link(
         )
         return
     yield _finding(
-        _unmanaged_kind(loc),
+        place.unmanaged,
         unit,
         path,
         f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it"
@@ -422,7 +446,7 @@ def _check_path(
         # The package database alone vouches for its directories: Home Manager and the
         # baseline never reach them.
         if fact.kind is not FileKind.MISSING:
-            yield from _check_owner_and_mode(judge, obs, loc, path, fact)
+            yield from _check_owner_and_mode(judge, obs, _place_of(loc), path, fact)
         yield from _check_packaged(packages, unit, loc, path, fact)
         return
     if fact.kind is FileKind.MISSING:
@@ -430,19 +454,38 @@ def _check_path(
         if not missing and fact.error:
             # lstat itself failed (a parent we may not search): nothing can vouch for this path.
             yield _finding(
-                _unmanaged_kind(loc),
+                _place_of(loc).unmanaged,
                 unit,
                 path,
                 f"cannot be examined ({fact.error}), so nothing vouches for it",
             )
         yield from missing
         return
-    yield from _check_owner_and_mode(judge, obs, loc, path, fact)
+    place = _place_of(loc)
+    yield from _check_owner_and_mode(judge, obs, place, path, fact)
     expected = judge.exp.home_manager_links.get(path)
     if expected is not None:
         yield from _check_expected(judge, obs, unit, path, fact, expected)
     elif fact.kind is not FileKind.DIRECTORY:
-        yield from _check_unexpected(judge, obs, loc, path, fact)
+        yield from _check_unexpected(judge, obs, place, path, fact)
+
+
+def _check_source(judge: Judge, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
+    # A generated unit is vouched for by its generator only as far as its source is.
+    if is_vendor_source(path):
+        return
+    fact = judge.fact(obs, path)
+    if fact.kind is FileKind.MISSING:
+        yield from _check_missing(judge, obs, path, unit)
+        return
+    # Sources in /etc/containers/systemd/users are root's by design: no ownership check.
+    place = _Place(unit, K.UNMANAGED_UNIT, "the source of a generated unit", False, False)
+    yield from _check_owner_and_mode(judge, obs, place, path, fact)
+    expected = judge.exp.home_manager_links.get(path)
+    if expected is not None:
+        yield from _check_expected(judge, obs, unit, path, fact, expected)
+    elif fact.kind is not FileKind.DIRECTORY and not in_managed_root(fact, judge.exp):
+        yield from _check_unexpected(judge, obs, place, path, fact)
 
 
 def _check_unit(judge: Judge, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
@@ -518,6 +561,16 @@ def owners(units: Iterable[UnitRecord]) -> dict[str, str]:
     return result
 
 
+def source_owners(units: Iterable[UnitRecord]) -> dict[str, str]:
+    """Each source path (``SourcePath``) with the loaded unit that owns its findings."""
+    result: dict[str, str] = {}
+    for unit in units:
+        path = unit.source_path
+        if path and (path not in result or unit.name < result[path]):
+            result[path] = unit.name
+    return result
+
+
 def drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
     """The findings without duplicates or the ones a more specific kind on the same path covers."""
     unique = {f.key: f for f in findings}
@@ -546,6 +599,8 @@ def audit(obs: Observation, exp: Expectations) -> tuple[Finding, ...]:
     findings: list[Finding] = []
     for path in paths:
         findings.extend(judge.path(obs, path, owned.get(path)))
+    for path, unit_name in source_owners(obs.units.values()).items():
+        findings.extend(judge.source(obs, path, unit_name))
     for unit in obs.units.values():
         findings.extend(judge.unit(obs, unit))
     return drop_subsumed(findings)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from provenanced.core.sources import is_vendor_source
 from provenanced.core.unitpath import SYSTEM_TIERS, locate
-from provenanced.core.vouching import vouch
+from provenanced.core.vouching import in_managed_root, vouch
 from provenanced.model import (
     Expectations,
     FileFact,
@@ -54,13 +55,14 @@ class FileProvenance:
 
 @dataclass(frozen=True, slots=True)
 class UnitProvenance:
-    """A unit with its fragment and drop-ins in priority order."""
+    """A unit with its fragment and drop-ins in priority order, and the source it was made from."""
 
     unit: str
     load_state: str
     need_daemon_reload: bool
     fragment: FileProvenance | None
     dropins: tuple[FileProvenance, ...]
+    source: FileProvenance | None = None
 
     def to_json(self) -> dict[str, object]:
         """The ``show --json`` shape of one unit."""
@@ -70,6 +72,7 @@ class UnitProvenance:
             "need_daemon_reload": self.need_daemon_reload,
             "fragment": self.fragment.to_json() if self.fragment else None,
             "dropins": [d.to_json() for d in self.dropins],
+            "source": self.source.to_json() if self.source else None,
         }
 
 
@@ -93,9 +96,22 @@ def _file_provenance(
     )
 
 
+def _source_provenance(path: str, obs: Observation, exp: Expectations) -> FileProvenance:
+    fact = obs.facts.get(path) or FileFact(path, FileKind.MISSING)
+    vendor = is_vendor_source(path)
+    owner = vouch(path, fact, exp, tier_is_system=vendor)
+    if owner is Owner.NONE and in_managed_root(fact, exp):
+        owner = Owner.MANAGED_ROOT
+    tier = "vendor" if vendor else "source"
+    return FileProvenance(path, tier, fact.kind.value, fact.target, owner, fact.sha256)
+
+
 def provenance_of(unit: UnitRecord, obs: Observation, exp: Expectations) -> UnitProvenance:
     """Where each piece of one unit's definition comes from."""
     dirs = {d.path: d for d in obs.unit_dirs}
     fragment = _file_provenance(unit.fragment_path, obs, exp, dirs) if unit.fragment_path else None
     dropins = tuple(_file_provenance(p, obs, exp, dirs) for p in unit.dropin_paths)
-    return UnitProvenance(unit.name, unit.load_state, unit.need_daemon_reload, fragment, dropins)
+    source = _source_provenance(unit.source_path, obs, exp) if unit.source_path else None
+    return UnitProvenance(
+        unit.name, unit.load_state, unit.need_daemon_reload, fragment, dropins, source
+    )

@@ -103,6 +103,11 @@ def in_linked_managed_dir(fact: FileFact, exp: Expectations) -> bool:
     return fact.kind is FileKind.FILE and is_under(fact.real_path, exp.managed_roots)
 
 
+def in_managed_root(fact: FileFact, exp: Expectations) -> bool:
+    """A file lying inside a managed root itself: a store file a generated unit names as source."""
+    return fact.kind is FileKind.FILE and is_under(fact.real_path or fact.path, exp.managed_roots)
+
+
 def matches_expected(fact: FileFact, expected: ExpectedLink) -> bool:
     """A link that reads as Home Manager's, or reaches the same store file another way."""
     # A link through an older generation's files resolves to the same store file but is orphaned.

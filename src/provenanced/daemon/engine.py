@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from provenanced.config import Settings
+from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.changes import (
@@ -263,7 +264,12 @@ class Engine:
             return
         if self._watcher is not None:
             self._watcher.close()
-        self._watcher = UnitDirWatcher(roots, self._places.extra_dirs)
+        # Generated units' sources: a change there re-reads the units whose SourcePath it is.
+        # The distribution's are vouched for by construction: watching /usr/share buys nothing.
+        sources = [
+            d for d in quadlet_source_dirs(self.dirs, os.getuid()) if not is_vendor_source(d)
+        ]
+        self._watcher = UnitDirWatcher(roots, [*self._places.extra_dirs, *sources])
         self._watcher.refresh()
         self._spawn(self._watch_files(self._watcher), "fs.watch")
 

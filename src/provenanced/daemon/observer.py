@@ -6,12 +6,13 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
 
 from provenanced.core.index import PathIndex
+from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
 from provenanced.core.unitpath import (
     AUDITED_TIERS,
@@ -173,7 +174,12 @@ class Observer:
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
             self._generation = await asyncio.to_thread(
-                read_generation, self.dirs.home, unit_dirs, self.reader, self._generation
+                read_generation,
+                self.dirs.home,
+                unit_dirs,
+                self.reader,
+                self._generation,
+                quadlet_source_dirs(self.dirs, os.getuid()),
             )
         else:
             self._generation = HomeManagerGeneration()
@@ -256,7 +262,7 @@ class Observer:
                 paths |= inside
                 scanned -= inside
         facts = dict(obs.facts)
-        facts.update(await self.read_paths(paths))
+        facts.update(await self.read_paths(paths, {u.source_path for u in obs.units.values()}))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
@@ -283,7 +289,7 @@ class Observer:
         records = await manager.get_unit_records(self.conn, sorted(affected))
         facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
-        paths.update(p for record in records.values() for p in record.definition_paths)
+        paths.update(p for record in records.values() for p in _own_paths(record))
         for name in affected:
             old = units.pop(name, None)
             if old is not None:
@@ -302,17 +308,24 @@ class Observer:
     ) -> dict[str, FileFact]:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
+        sources = set()
         for record in records:
-            paths.update(record.definition_paths)
-        return await self.read_paths(paths)
+            paths.update(_own_paths(record))
+            sources.add(record.source_path)
+        return await self.read_paths(paths, sources)
 
-    async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
-        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
-        return await asyncio.to_thread(self._read, sorted(paths))
+    async def read_paths(
+        self, paths: Iterable[str], sources: Collection[str] = ()
+    ) -> dict[str, FileFact]:
+        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop.
 
-    def _read(self, paths: Iterable[str]) -> dict[str, FileFact]:
+        ``sources`` are generated units' sources, hashed although not named like units.
+        """
+        return await asyncio.to_thread(self._read, sorted(paths), sources)
+
+    def _read(self, paths: Iterable[str], sources: Collection[str]) -> dict[str, FileFact]:
         """Facts, with the MD5 a package database checks where it has one for the file."""
-        facts = self.reader.read_many(paths)
+        facts = self.reader.read_many(paths, sources)
         index = self._package_index
         if index is None or index.digest != "md5":
             return facts
@@ -333,12 +346,18 @@ def _as_before(obs: Observation, since: Observation, index: PackageIndex) -> Obs
     return replace(obs, facts=frozen_map(facts), scanned_files=frozenset(scanned))
 
 
+def _own_paths(record: UnitRecord) -> tuple[str, ...]:
+    """The files a unit is made of: its definition files and the source it was generated from."""
+    return (*record.definition_paths, *filter(None, [record.source_path]))
+
+
 def baseline_facts(obs: Observation) -> list[FileFact]:
-    """The facts a new baseline records: every existing file in an audited tier."""
+    """The facts a new baseline records: every existing file in an audited tier, and every source."""
     by_path = {d.path: d for d in obs.unit_dirs}
+    sources = {u.source_path for u in obs.units.values()}
     result = []
     for path, fact in obs.facts.items():
         loc = locate(path, by_path)
-        if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+        if path in sources or (loc is not None and loc.unit_dir.tier in AUDITED_TIERS):
             result.append(fact)
     return result

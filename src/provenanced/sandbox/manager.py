@@ -41,6 +41,7 @@ from provenanced.sandbox.homemanager import (
     build_generation,
     example_units,
 )
+from provenanced.sandbox.quadlet import install_generator
 
 # --- the sandboxed manager -------------------------------------------------------------------
 
@@ -70,6 +71,10 @@ class Sandbox:
         self.admin_dir = self.root / "etc/systemd/user"
         self.store = self.root / "nix/store"
         self.config_dir = self.home / ".config/systemd/user"
+        # The manager runs generators from here only (SYSTEMD_GENERATOR_PATH), none of the host's.
+        self.generator_dir = self.root / "lib/systemd/user-generators"
+        # Plain quadlet's first source directory ($XDG_CONFIG_HOME/containers/systemd).
+        self.quadlet_dir = self.home / ".config/containers/systemd"
         self.state_dir = self.root / "state"
         self.manager_log = self.root / "manager.log"
         self.generation: Generation | None = None
@@ -136,6 +141,7 @@ class Sandbox:
             LOGNAME=user,
             # The trailing colon prepends these to the default path instead of replacing it.
             SYSTEMD_UNIT_PATH=":".join(map(str, (self.admin_dir, *self.unit_dirs))) + ":",
+            SYSTEMD_GENERATOR_PATH=str(self.generator_dir),
             # Console, i.e. manager.log, so a failed boot can show why.
             SYSTEMD_LOG_TARGET="console",
         )
@@ -178,7 +184,14 @@ class Sandbox:
 
     def _make_dirs(self) -> None:
         """Create the sandbox tree; the runtime dir must be 0700 like a real one."""
-        for path in (self.home, self.admin_dir, self.store, self.config_dir, self.state_dir):
+        for path in (
+            self.home,
+            self.admin_dir,
+            self.store,
+            self.config_dir,
+            self.state_dir,
+            self.generator_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runtime_dir.chmod(0o700)
@@ -360,6 +373,10 @@ class Sandbox:
         if self.running:
             self.daemon_reload()
         return gen
+
+    def install_quadlet(self) -> Path:
+        """Put the quadlet stand-in among the manager's generators (effective at the next reload)."""
+        return install_generator(self.generator_dir)
 
 
 def boot(root: Path | None = None, keep: bool = False) -> Sandbox:

@@ -20,6 +20,7 @@ from provenanced.model import (
     PackageIndex,
     Tier,
     UnitDir,
+    UnitRecord,
     frozen_map,
 )
 
@@ -133,3 +134,14 @@ class TestBaselineFacts:
         facts = {p: FileFact(p, FileKind.FILE, sha256="s") for p in (mine, vendor, "/etc/x")}
         obs = Observation(units=frozen_map(), facts=frozen_map(facts), unit_dirs=dirs, uid=0)
         assert [f.path for f in baseline_facts(obs)] == [mine]
+
+    def test_records_the_sources_of_loaded_units(self, tmp_path: Path) -> None:
+        """A generated unit's source is recorded too, wherever it lies."""
+        dirs = tree(tmp_path)
+        source = str(tmp_path / "containers" / "web.container")
+        unit = UnitRecord("web.service", source_path=source)
+        facts = {p: FileFact(p, FileKind.FILE, sha256="s") for p in (source, "/etc/x")}
+        obs = Observation(
+            units=frozen_map({unit.name: unit}), facts=frozen_map(facts), unit_dirs=dirs, uid=0
+        )
+        assert [f.path for f in baseline_facts(obs)] == [source]

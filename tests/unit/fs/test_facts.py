@@ -106,6 +106,18 @@ class TestFactReader:
         assert (other.kind, other.size, other.sha256, other.error) == (FileKind.FILE, 1, None, None)
         assert reader.read(str(tmp_path / "a.conf")).sha256 == hashlib.sha256(b"x").hexdigest()
 
+    def test_a_unit_source_is_hashed_whatever_its_name(self, tmp_path: Path) -> None:
+        """A quadlet source (``.container``) is hashed when read as a source, directly or linked."""
+        source = tmp_path / "web.container"
+        source.write_bytes(b"x")
+        link = tmp_path / "linked.container"
+        link.symlink_to(source)
+        digest = hashlib.sha256(b"x").hexdigest()
+        reader = FactReader()
+        assert reader.read(str(source)).sha256 is None
+        facts = reader.read_many([str(source), str(link)], sources={str(source), str(link)})
+        assert [f.sha256 for f in facts.values()] == [digest, digest]
+
     def test_hash_cache_sees_rewrites(self, tmp_path: Path) -> None:
         """A rewritten file gets a new hash even from a reader that cached the old one."""
         path = tmp_path / "a.service"
