@@ -11,16 +11,17 @@ _VENDOR_PREFIXES = ("/usr/", "/lib/")
 
 
 def quadlet_source_dirs(dirs: UserDirs, uid: int) -> tuple[str, ...]:
-    """The directories rootless quadlet reads ``.container``/``.pod``/... files from.
+    """The directories rootless quadlet reads ``.container``/``.pod``/... files from, in its order.
 
-    As podman's cmd/quadlet/main.go builds them for a user generator (getUnitDirs with
-    rootless=true; the admin root is UnitDirAdmin in pkg/systemd/quadlet/quadlet.go). Subdirectories
-    of these are read too and are not listed here. The ``/usr/share`` pair is the distribution's
-    counterpart, named in newer podman releases (not verified against a release's source).
+    As podman builds them for a user generator: getRootlessDirs() in
+    pkg/systemd/quadlet/unitdirs.go (podman c6580b4, L219-245) adds the runtime directory, then
+    the config directory, then ``users`` and ``users/$UID`` under UnitDirAdmin (/etc) and
+    UnitDirDistro (/usr/share); cmd/quadlet/main.go loadUnitsFromDir() keeps the first file of a
+    name. Subdirectories of these are read too and are not listed here.
     """
     return (
-        posixpath.join(dirs.config_home, "containers/systemd"),
         posixpath.join(dirs.runtime_dir, "containers/systemd"),
+        posixpath.join(dirs.config_home, "containers/systemd"),
         "/etc/containers/systemd/users",
         f"/etc/containers/systemd/users/{uid}",
         "/usr/share/containers/systemd/users",

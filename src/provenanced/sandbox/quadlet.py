@@ -2,7 +2,8 @@
 
 It follows quadlet's real operation, as podman's cmd/quadlet/main.go does it: run by the manager
 at every daemon-reload with the normal generator directory as argv[1]; read the rootless search
-path in order (a name found earlier wins); write one unit per source, ``web.container`` →
+path in order (pkg/systemd/quadlet/unitdirs.go getRootlessDirs: runtime, config, then /etc's
+``users`` directories; a name found earlier wins, main.go loadUnitsFromDir); write one unit per source, ``web.container`` →
 ``web.service``, with ``SourcePath=`` the source as found, not resolved; ``WantedBy=`` in
 ``[Install]`` becomes a ``<target>.wants/`` link in the output directory. The ``[Container]`` to
 ``[Service]`` translation is left out: the unit only echoes the image it would run.
@@ -20,8 +21,8 @@ set -eu
 out="$1"
 uid=$(id -u)
 seen=" "
-for dir in "${XDG_CONFIG_HOME:-$HOME/.config}/containers/systemd" \
-           "${XDG_RUNTIME_DIR:-/run/user/$uid}/containers/systemd" \
+for dir in "${XDG_RUNTIME_DIR:-/run/user/$uid}/containers/systemd" \
+           "${XDG_CONFIG_HOME:-$HOME/.config}/containers/systemd" \
            /etc/containers/systemd/users "/etc/containers/systemd/users/$uid"; do
     [ -d "$dir" ] || continue
     for src in "$dir"/*.container; do
