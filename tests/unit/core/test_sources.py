@@ -82,11 +82,11 @@ def keys(obs: Observation, exp: Expectations) -> set[tuple[FindingKind, str, str
 
 class TestQuadletSourceDirs:
     def test_rootless_search_path(self) -> None:
-        """The user's config and runtime dirs, then the admin's per-user dirs, then the vendor's."""
+        """The runtime dir, the user's config dir, then the admin's per-user dirs, then the vendor's."""
         dirs = UserDirs(HOME, f"{HOME}/.config", f"{HOME}/.local/share", "/run/user/1000")
         assert quadlet_source_dirs(dirs, UID) == (
-            QUADLET,
             "/run/user/1000/containers/systemd",
+            QUADLET,
             "/etc/containers/systemd/users",
             "/etc/containers/systemd/users/1000",
             "/usr/share/containers/systemd/users",
