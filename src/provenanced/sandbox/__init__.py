@@ -15,7 +15,13 @@ from provenanced.sandbox._proc import (
 from provenanced.sandbox.accounts import Account
 from provenanced.sandbox.fsops import Op, OpLog
 from provenanced.sandbox.hmactivation import Options, activate, switch
-from provenanced.sandbox.hmforms import FORMS, Form, auto_upgrade_units, run_switch
+from provenanced.sandbox.hmforms import (
+    FORMS,
+    Form,
+    auto_upgrade_units,
+    prepare_switch,
+    run_switch,
+)
 from provenanced.sandbox.homemanager import (
     RELEASES,
     Generation,
@@ -57,6 +63,7 @@ __all__ = [
     "example_switch",
     "example_units",
     "journald_listening",
+    "prepare_switch",
     "run_switch",
     "switch",
 ]

@@ -370,9 +370,9 @@ def switch(
     log = log if log is not None else OpLog()
     log.phase("home-manager-switch")
     if (gen.path / "gen-version").exists():
-        # L827-830: the CLI moves the profile before the activation starts.
+        # L828-830: the CLI moves the profile before the activation starts (L836).
         profile = home / ".local/state/nix/profiles/home-manager"
         mkdir_p(log, profile.parent)
         nix_env_set(log, gen.path.parent, profile, gen.path)
-    # L810-812: a generation without gen-version manages its profile itself.
+    # L813-815: a generation without gen-version manages its profile itself.
     return activate(home, gen, driver_version=1, options=options, manager_env=manager_env, log=log)

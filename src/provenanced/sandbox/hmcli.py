@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ)
     if getattr(args, "backup_ext", None):
-        env["HOME_MANAGER_BACKUP_EXT"] = args.backup_ext  # L1176-1180: -b exports it
+        env["HOME_MANAGER_BACKUP_EXT"] = (
+            args.backup_ext
+        )  # home-manager/home-manager (release-25.11) L1177-1179: -b exports it
     options, log = _knobs(env)
     # Only a sandbox's manager is ever switched: without the marker, no reloadSystemd at all.
     manager_env = env if SANDBOX_MARKER in env else None

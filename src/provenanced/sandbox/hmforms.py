@@ -168,11 +168,42 @@ def _wait_inactive(sandbox: Sandbox, unit: str) -> None:
         raise SandboxError(f"{unit} ended with result {result}")
 
 
-def run_switch(
-    sandbox: Sandbox, gen: Generation, form: Form = "standalone", options: Options | None = None
-) -> list[Op]:
-    """Switch the sandbox's home to ``gen`` the way ``form`` does; return every operation."""
+def prepare_switch(
+    sandbox: Sandbox, gen: Generation, form: Form, options: Options | None = None
+) -> None:
+    """What happens before the activation starts that is not Home Manager's own work.
+
+    The user unit's drop-in is rewritten by the NixOS switch (which also has the user manager
+    re-read its units); the auto-upgrade's channel update is the pointer to ``gen`` here.
+    """
     options = options or Options()
+    if form == "user-service":
+        install_user_service(sandbox, gen, options)
+        sandbox.daemon_reload()
+    elif form == "auto-upgrade":
+        if options.backup_ext:
+            raise ValueError("the auto-upgrade unit runs `home-manager switch` without -b")
+        nix_make_symlink(OpLog(), sandbox.root / _NEXT_LINK, str(gen.path))
+    elif form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; one of {FORMS}")
+
+
+def run_switch(
+    sandbox: Sandbox,
+    gen: Generation,
+    form: Form = "standalone",
+    options: Options | None = None,
+    *,
+    prepared: bool = False,
+) -> list[Op]:
+    """Switch the sandbox's home to ``gen`` the way ``form`` does; return every operation.
+
+    Args:
+        prepared: `prepare_switch` already ran for this switch (to look at the activation alone).
+    """
+    options = options or Options()
+    if not prepared:
+        prepare_switch(sandbox, gen, form, options)
     oplog = _write_knobs(sandbox, options)
     env = _activation_env(sandbox, options)
     if form == "standalone":
@@ -181,17 +212,10 @@ def run_switch(
     elif form == "system":
         _run([str(gen.activate_script), "--driver-version", "1"], env)
     elif form == "user-service":
-        install_user_service(sandbox, gen, options)
-        sandbox.daemon_reload()  # the system switch re-reads the user manager's units
         # nixos/default.nix (master) L159-161: the system switch restarts the user unit.
         sandbox.systemctl("restart", USER_SERVICE, timeout=_SWITCH_TIMEOUT)
-    elif form == "auto-upgrade":
-        if options.backup_ext:
-            raise ValueError("the auto-upgrade unit runs `home-manager switch` without -b")
-        nix_make_symlink(OpLog(), sandbox.root / _NEXT_LINK, str(gen.path))
+    else:
         sandbox.systemctl("start", AUTO_UPGRADE, timeout=_CALL_TIMEOUT)
         _wait_inactive(sandbox, AUTO_UPGRADE)
-    else:
-        raise ValueError(f"unknown form {form!r}; one of {FORMS}")
     sandbox.generation = gen
     return read_oplog(oplog)
