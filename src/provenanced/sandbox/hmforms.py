@@ -202,6 +202,9 @@ def run_switch(
         prepared: `prepare_switch` already ran for this switch (to look at the activation alone).
     """
     options = options or Options()
+    if sandbox._run_as():
+        # A real account's switch runs as that account, and Nix's daemon writes its gcroots.
+        raise SandboxError("switching the home of a real account is not modelled yet")
     if not prepared:
         prepare_switch(sandbox, gen, form, options)
     oplog = _write_knobs(sandbox, options)
