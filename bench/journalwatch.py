@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +32,22 @@ class Entry:
 
 
 class JournalWatch:
-    """Follows drift-detected and drift-resolved entries of one daemon pid from now on.
+    """Follows one daemon pid's entries (drift detected and resolved by default) from now on.
 
     Both timestamps are taken by the kernel and journald, so they do not depend on when we read.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(
+        self, pid: int, message_ids: Sequence[str] = (DRIFT_DETECTED, DRIFT_RESOLVED)
+    ) -> None:
         self._reader = journal.Reader(
             converters={
                 "__MONOTONIC_TIMESTAMP": lambda m: m[0],
                 "_SOURCE_REALTIME_TIMESTAMP": int,
             }
         )
-        self._reader.add_match(MESSAGE_ID=DRIFT_DETECTED)
-        self._reader.add_match(MESSAGE_ID=DRIFT_RESOLVED)
+        for message_id in message_ids:
+            self._reader.add_match(MESSAGE_ID=message_id)
         self._reader.add_match(_PID=str(pid))
         self._reader.this_boot()
         # Sets up the inotify watch: without it process() never learns that journald rotated to

@@ -13,29 +13,57 @@ from provenanced.sandbox._proc import (
     SandboxError,
 )
 from provenanced.sandbox.accounts import Account
-from provenanced.sandbox.homemanager import Generation, activate, build_generation, example_units
+from provenanced.sandbox.fsops import Op, OpLog
+from provenanced.sandbox.hmactivation import Options, activate, switch
+from provenanced.sandbox.hmforms import (
+    FORMS,
+    Form,
+    auto_upgrade_units,
+    prepare_switch,
+    run_switch,
+)
+from provenanced.sandbox.homemanager import (
+    RELEASES,
+    Generation,
+    Release,
+    build_generation,
+    example_switch,
+    example_units,
+)
 from provenanced.sandbox.host import HostSandbox, UserSandbox
 from provenanced.sandbox.journald import Journald, ensure_journald, journald_listening
 from provenanced.sandbox.manager import Sandbox, boot
 
 __all__ = [
     "BOOTED_MARKER",
+    "FORMS",
     "JOURNALD_BINARY",
     "JOURNAL_SOCKET",
+    "RELEASES",
     "SANDBOX_MARKER",
     "SYSTEMD_BINARY",
     "SYSTEM_PATH",
     "Account",
+    "Form",
     "Generation",
     "HostSandbox",
     "Journald",
+    "Op",
+    "OpLog",
+    "Options",
+    "Release",
     "Sandbox",
     "SandboxError",
     "UserSandbox",
     "activate",
+    "auto_upgrade_units",
     "boot",
     "build_generation",
     "ensure_journald",
+    "example_switch",
     "example_units",
     "journald_listening",
+    "prepare_switch",
+    "run_switch",
+    "switch",
 ]

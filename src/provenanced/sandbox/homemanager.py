@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
-from collections.abc import Callable, Mapping
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal, get_args
 
 from provenanced.sandbox._proc import (
     _NIX_NAME_UNSAFE,
@@ -16,8 +18,11 @@ from provenanced.sandbox._proc import (
     HM_FILES_SUFFIX,
     HM_GENERATION_SUFFIX,
     NIX_BASE32,
-    SandboxError,
 )
+
+# The Home Manager releases whose activation the sandbox replays (see sandbox/hmactivation.py).
+Release = Literal["24.11", "25.11", "master"]
+RELEASES: tuple[Release, ...] = get_args(Release)
 
 # --- Home Manager layout ---------------------------------------------------------------------
 
@@ -29,10 +34,37 @@ class Generation:
     path: Path
     home_files: Path
     files: tuple[str, ...]
+    release: Release = "25.11"
 
     def source(self, rel: str) -> Path:
         """The store file a home-relative path finally resolves to in this generation."""
         return Path(os.path.realpath(self.home_files / rel))
+
+    @property
+    def activate_script(self) -> Path:
+        """`<generation>/activate`, what every way of activating ends up running."""
+        return self.path / "activate"
+
+    @classmethod
+    def from_store(cls, path: Path) -> Generation:
+        """Read a generation back from its store path, as its own `activate` script has to."""
+        home_files = Path(os.path.realpath(path / "home-files"))
+        release = (path / "hm-version").read_text().strip()
+        if release not in RELEASES:
+            raise ValueError(f"{path} was not built by a known release: {release!r}")
+        files = tuple(sorted(os.path.relpath(p, home_files) for p in find_files(home_files)))
+        return cls(path, home_files, files, release)
+
+
+def find_files(root: Path) -> Iterator[Path]:
+    """`find ROOT \\( -type f -or -type l \\)`: pre-order, each directory in readdir order."""
+    with os.scandir(root) as entries:
+        listed = list(entries)
+    for entry in listed:
+        if entry.is_dir(follow_symlinks=False):
+            yield from find_files(Path(entry.path))
+        else:
+            yield Path(entry.path)
 
 
 def _nix_base32(digest: bytes) -> str:
@@ -101,13 +133,28 @@ def _publish_dir(store: Path, name: str, fill: Callable[[Path], None]) -> Path:
     return final
 
 
-def build_generation(store: Path, files: Mapping[str, str], name_hint: str = "") -> Generation:
+def _activate_script(generation: Path, release: Release) -> str:
+    """The generation's `activate`: Home Manager's activation script, replayed in Python."""
+    python = shlex.quote(sys.executable)
+    return (
+        "#!/bin/sh\n"
+        f"# Home Manager {release} activation, replayed by provenanced.sandbox.hmcli.\n"
+        f'exec {python} -m provenanced.sandbox.hmcli activate {generation} "$@"\n'
+    )
+
+
+def build_generation(
+    store: Path, files: Mapping[str, str], name_hint: str = "", release: Release = "25.11"
+) -> Generation:
     """Lay out files the way Home Manager's home-files and generation derivations do.
 
     Args:
         files: home-relative path → content (`.config/systemd/user/web.service`).
         name_hint: mixed into the hashes so equal file sets can still give distinct generations.
+        release: the Home Manager release whose activation this generation's `activate` replays.
     """
+    if release not in RELEASES:
+        raise ValueError(f"unknown Home Manager release {release!r}; one of {RELEASES}")
     rels = sorted(str(_check_rel(rel)) for rel in files)
     store.mkdir(parents=True, exist_ok=True)
     sources = _sources(store, {str(PurePosixPath(rel)): text for rel, text in files.items()})
@@ -122,99 +169,23 @@ def build_generation(store: Path, files: Mapping[str, str], name_hint: str = "")
     home_files = _publish_dir(
         store, f"{_store_hash('home-files', name_hint, listing)}{HM_FILES_SUFFIX}", fill_files
     )
+    name = f"{_store_hash('generation', name_hint, home_files.name, release)}{HM_GENERATION_SUFFIX}"
 
+    # modules/home-environment.nix (release-25.11) L869-893: hm-version, gen-version (absent up
+    # to 24.11, which is how the CLI tells a legacy generation), activate, bin/, home-files.
     def fill_generation(tmp: Path) -> None:
-        (tmp / "home-files").symlink_to(home_files)
+        (tmp / "hm-version").write_text(f"{release}\n")
+        if release != "24.11":
+            (tmp / "gen-version").write_text("1\n")
         script = tmp / "activate"
-        script.write_text(
-            "#!/bin/sh\n"
-            "# provenanced sandbox: provenanced.sandbox.activate() links this generation.\n"
-            "exit 0\n"
-        )
+        script.write_text(_activate_script(store / name, release))
         script.chmod(0o555)
+        (tmp / "bin").mkdir()
+        (tmp / "bin/home-manager-generation").symlink_to(store / name / "activate")
+        (tmp / "home-files").symlink_to(home_files)
 
-    generation = _publish_dir(
-        store,
-        f"{_store_hash('generation', name_hint, home_files.name)}{HM_GENERATION_SUFFIX}",
-        fill_generation,
-    )
-    return Generation(path=generation, home_files=home_files, files=tuple(rels))
-
-
-def _link_atomically(link: Path, target: Path | str) -> None:
-    """Point link at target with a temp name and rename, so readers never see it missing."""
-    tmp = link.with_name(f".{link.name}.tmp-{secrets.token_hex(6)}")
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-
-
-def _points_into_hm_files(link: Path) -> bool:
-    """Only links Home Manager made may be removed; anything else belongs to the user."""
-    if not link.is_symlink():
-        return False
-    return any(part.endswith(HM_FILES_SUFFIX) for part in Path(os.readlink(link)).parts)
-
-
-def _remove_empty_parents(path: Path, stop_at: Path) -> None:
-    """Drop directories emptied by a removed link, as `rmdir -p --ignore-fail-on-non-empty`."""
-    for parent in path.parents:
-        if parent == stop_at or stop_at not in parent.parents:
-            return
-        try:
-            parent.rmdir()
-        except OSError:
-            return
-
-
-def _previous_home_files(gcroot: Path) -> Path | None:
-    """The home-files tree of the generation being replaced, if any."""
-    if not gcroot.is_symlink():
-        return None
-    home_files = Path(os.readlink(gcroot)) / "home-files"
-    return Path(os.path.realpath(home_files)) if home_files.exists() else None
-
-
-def _bump_profile(home: Path, generation: Path) -> None:
-    """Add a `home-manager-N-link` profile generation the way `nix-env --set` does."""
-    profiles = home / ".local/state/nix/profiles"
-    profiles.mkdir(parents=True, exist_ok=True)
-    profile = profiles / "home-manager"
-    if profile.exists() and Path(os.path.realpath(profile)) == Path(os.path.realpath(generation)):
-        return
-    numbers = [
-        int(m.group(1))
-        for p in profiles.iterdir()
-        if (m := re.fullmatch(r"home-manager-(\d+)-link", p.name))
-    ]
-    numbered = profiles / f"home-manager-{max(numbers, default=0) + 1}-link"
-    numbered.symlink_to(generation)
-    _link_atomically(profile, numbered.name)
-
-
-def activate(home: Path, gen: Generation) -> None:
-    """Switch HOME to a generation like Home Manager's checkLinkTargets + linkGeneration."""
-    for rel in gen.files:
-        target = home / rel
-        if os.path.lexists(target) and not target.is_symlink():
-            raise SandboxError(f"existing file {target} is in the way of Home Manager's link")
-    gcroot = home / ".local/state/home-manager/gcroots/current-home"
-    previous = _previous_home_files(gcroot)
-    for rel in gen.files:
-        target = home / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _link_atomically(target, gen.home_files / rel)
-    if previous is not None and previous != gen.home_files:
-        wanted = set(gen.files)
-        for dirpath, _dirs, names in os.walk(previous):
-            for name in names:
-                rel = os.path.relpath(os.path.join(dirpath, name), previous)
-                target = home / rel
-                if rel not in wanted and _points_into_hm_files(target):
-                    target.unlink()
-                    _remove_empty_parents(target, home)
-    gcroot.parent.mkdir(parents=True, exist_ok=True)
-    _link_atomically(gcroot, gen.path)
-    _bump_profile(home, gen.path)
+    generation = _publish_dir(store, name, fill_generation)
+    return Generation(generation, home_files, tuple(rels), release)
 
 
 _UNITS = ".config/systemd/user"
@@ -263,3 +234,28 @@ def example_units() -> dict[str, str]:
         f"{_UNITS}/backup.timer": _BACKUP_TIMER,
         f"{_UNITS}/timers.target.wants/backup.timer": _BACKUP_TIMER,
     }
+
+
+def _sync_unit(name: str) -> str:
+    """A long-running service pulled in by default.target, so a switch has to stop or start it."""
+    return (
+        f"[Unit]\nDescription=Homelab {name}\n\n[Service]\nExecStart=/bin/sleep infinity\n\n"
+        "[Install]\nWantedBy=default.target\n"
+    )
+
+
+def example_switch() -> tuple[dict[str, str], dict[str, str]]:
+    """Two generations: podman-web changes, backup stays, old-sync goes, new-sync comes."""
+    before = example_units()
+    before[f"{_UNITS}/old-sync.service"] = _sync_unit("old sync")
+    before[f"{_UNITS}/default.target.wants/old-sync.service"] = _sync_unit("old sync")
+    after = example_units()
+    after[f"{_UNITS}/podman-web.service"] = _PODMAN_WEB.replace(
+        "Restart=on-failure", "Restart=always"
+    )
+    after[f"{_UNITS}/default.target.wants/podman-web.service"] = after[
+        f"{_UNITS}/podman-web.service"
+    ]
+    after[f"{_UNITS}/new-sync.service"] = _sync_unit("new sync")
+    after[f"{_UNITS}/default.target.wants/new-sync.service"] = _sync_unit("new sync")
+    return before, after

@@ -34,10 +34,10 @@ from provenanced.sandbox._proc import (
     _remove_tree,
     _tail,
 )
+from provenanced.sandbox.hmactivation import activate
 from provenanced.sandbox.homemanager import (
     Generation,
     _store_hash,
-    activate,
     build_generation,
     example_units,
 )
