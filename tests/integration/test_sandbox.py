@@ -25,8 +25,8 @@ from provenanced.sandbox import (
     ensure_journald,
     example_units,
 )
-from provenanced.sandbox import manager as sandbox_module
-from provenanced.sandbox.homemanager import NIX_BASE32
+from provenanced.sandbox import usermanager as sandbox_module
+from provenanced.sandbox.hmstore import NIX_BASE32
 
 pytestmark = pytest.mark.integration
 

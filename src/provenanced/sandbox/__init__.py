@@ -22,7 +22,7 @@ from provenanced.sandbox.hmforms import (
     prepare_switch,
     run_switch,
 )
-from provenanced.sandbox.homemanager import (
+from provenanced.sandbox.hmstore import (
     RELEASES,
     Generation,
     Release,
@@ -32,7 +32,7 @@ from provenanced.sandbox.homemanager import (
 )
 from provenanced.sandbox.host import HostSandbox, UserSandbox
 from provenanced.sandbox.journald import Journald, ensure_journald, journald_listening
-from provenanced.sandbox.manager import Sandbox, boot
+from provenanced.sandbox.usermanager import Sandbox, boot
 
 __all__ = [
     "BOOTED_MARKER",

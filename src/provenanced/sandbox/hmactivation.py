@@ -40,7 +40,7 @@ from provenanced.sandbox.fsops import (
     rm,
     rmdir_parents,
 )
-from provenanced.sandbox.homemanager import Generation, find_files
+from provenanced.sandbox.hmstore import Generation, find_files
 from provenanced.sandbox.sdswitch import Systemctl, sd_switch
 
 KNOBS_FILE = "hm-switch.json"  # in the sandbox root: what only the sandbox can tune

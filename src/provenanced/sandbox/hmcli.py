@@ -18,7 +18,7 @@ from pathlib import Path
 from provenanced.sandbox._proc import SANDBOX_MARKER, SandboxError
 from provenanced.sandbox.fsops import OpLog
 from provenanced.sandbox.hmactivation import KNOBS_FILE, Options, activate, switch
-from provenanced.sandbox.homemanager import Generation
+from provenanced.sandbox.hmstore import Generation
 
 
 def _knobs(env: Mapping[str, str]) -> tuple[Options, OpLog]:

@@ -30,13 +30,13 @@ from typing import Literal, get_args
 from provenanced.sandbox._proc import _CALL_TIMEOUT, SANDBOX_MARKER, SandboxError, _poll
 from provenanced.sandbox.fsops import Op, OpLog, nix_make_symlink, read_oplog
 from provenanced.sandbox.hmactivation import KNOBS_FILE, Options
-from provenanced.sandbox.homemanager import (
+from provenanced.sandbox.hmstore import (
     Generation,
     _publish_dir,
     _store_hash,
     _write_store_file,
 )
-from provenanced.sandbox.manager import Sandbox
+from provenanced.sandbox.usermanager import Sandbox
 
 Form = Literal["standalone", "system", "user-service", "auto-upgrade"]
 FORMS: tuple[Form, ...] = get_args(Form)

@@ -24,7 +24,7 @@ from provenanced.sandbox.accounts import (
     remove_account,
     sweep_abandoned_accounts,
 )
-from provenanced.sandbox.manager import Sandbox
+from provenanced.sandbox.usermanager import Sandbox
 
 RUNTIME_ROOT_ENV = "PROVENANCED_HOST__RUNTIME_ROOT"
 # systemd delegates these files with a cgroup (src/shared/cgroup-setup.c, cg_set_access()):

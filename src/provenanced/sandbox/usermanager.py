@@ -35,7 +35,7 @@ from provenanced.sandbox._proc import (
     _tail,
 )
 from provenanced.sandbox.hmactivation import activate
-from provenanced.sandbox.homemanager import (
+from provenanced.sandbox.hmstore import (
     Generation,
     _store_hash,
     build_generation,
