@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from provenanced.core.sources import is_vendor_source
 from provenanced.core.unitpath import AUDITED_TIERS, USER_TIERS, Location, locate
 from provenanced.core.vouching import (
+    baseline_entry,
     home_manager_files_dir,
     in_linked_managed_dir,
     in_managed_root,
@@ -182,7 +183,7 @@ def _check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Iter
             f"Home Manager's current generation links this path to {expected.target}; it is absent",
         )
         return
-    base = judge.exp.baseline.get(path)
+    base = baseline_entry(judge.exp, path)
     if (
         base is not None
         and base.kind is FileKind.SYMLINK
@@ -302,7 +303,7 @@ def _check_unexpected(
     judge: Judge, obs: Observation, place: _Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
     unit = place.unit
-    base = judge.exp.baseline.get(path)
+    base = baseline_entry(judge.exp, path)
     if (
         fact.masked
         and place.can_mask
@@ -440,6 +441,8 @@ def _check_path(
     packages = judge.packages_of(loc)
     if loc.unit_dir.tier not in AUDITED_TIERS and packages is None:
         return
+    if unit_hint is None and packages is None and not loc.could_be_read:
+        return  # a name the manager never loads (``CuXXXXXX``, ``x.service.backup``): no unit's drift
     unit = unit_hint or loc.unit
     fact = judge.fact(obs, path)
     if packages is not None:
