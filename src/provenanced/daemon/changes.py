@@ -60,12 +60,14 @@ class WatchedPlaces:
     gcroots_dir: str
     packages_dir: str | None = None  # the package database's directory, when there is one
     packages_files: frozenset[str] = frozenset()  # the entries whose change is a new database
+    profile: str | None = None  # Home Manager's profile link: the CLI moves it first
 
     @property
     def extra_dirs(self) -> tuple[str, ...]:
         """The directories to watch besides the unit directories."""
         packages = (self.packages_dir,) if self.packages_dir is not None else ()
-        return (self.gcroots_dir, self.state_dir, *packages)
+        profiles = (posixpath.dirname(self.profile),) if self.profile is not None else ()
+        return (self.gcroots_dir, self.state_dir, *packages, *profiles)
 
 
 def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change | None:
@@ -85,6 +87,13 @@ def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change |
         return None
     if event.path.startswith(places.gcroots_dir):
         return FullResync("home manager generation changed", event.monotonic)
+    if places.profile is not None and posixpath.dirname(event.path) == posixpath.dirname(
+        places.profile
+    ):
+        # Other profiles and the numbered generation links share the directory.
+        if event.path == places.profile:
+            return FullResync("home manager profile moved", event.monotonic)
+        return None
     return event
 
 

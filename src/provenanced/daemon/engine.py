@@ -18,11 +18,13 @@ from provenanced.config import Settings
 from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
+from provenanced.daemon.activation import Activation
 from provenanced.daemon.changes import (
     BaselineChanged,
     Change,
     FullResync,
     PathChanged,
+    UnitChanged,
     WatchedPlaces,
     change_for_signal,
     change_for_watch_event,
@@ -47,6 +49,8 @@ log = structlog.get_logger("provenanced.engine")
 
 # Pause before retrying a re-check the manager failed, so an erroring manager is not hammered.
 _RETRY_DELAY = 1.0
+# How often a held activation is looked at again when no event comes.
+_ACTIVATION_LOOK = 0.5
 
 
 class _Shutdown(Exception):
@@ -97,8 +101,14 @@ class Engine:
         packages_dir, packages_files = (
             self._packages.watched if self._packages is not None else (None, frozenset[str]())
         )
+        self.activation = Activation(self.dirs.home, settings.policy.activation_timeout)
         self._places = WatchedPlaces(
-            self.state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files
+            self.state_dir,
+            baseline.BASELINE_FILE,
+            gcroots,
+            packages_dir,
+            packages_files,
+            self.activation.profile,
         )
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
@@ -139,6 +149,7 @@ class Engine:
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
+        self.activation.timeout = settings.policy.activation_timeout
         self._changes.put_nowait(FullResync("config reloaded", time.monotonic()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -157,7 +168,7 @@ class Engine:
         for unit in obs.units.values() if obs else ():
             load_states[unit.load_state] = load_states.get(unit.load_state, 0) + 1
         self.status = DaemonStatus(
-            findings=tuple(self.state.findings.values()),
+            findings=self.activation.published(self.state.findings),
             units_by_load_state=frozen_map(load_states),
             manager_connected=self.connected.is_set(),
             transport=self._transport,
@@ -167,6 +178,8 @@ class Engine:
             inotify_watches=self._watcher.watch_count if self._watcher else 0,
             last_full_resync=self.status.last_full_resync,
             units_audited=len(obs.units) if obs else 0,
+            activation_in_progress=self.activation.reason is not None,
+            activation_stuck=self.activation.stuck,
         )
 
     # ---- the manager -----------------------------------------------------------------------
@@ -337,11 +350,23 @@ class Engine:
             if full or any(isinstance(c, BaselineChanged) for c in batch):
                 self._read_baseline(reading.observation)
             transitions = self.state.update(reading, time.time())
+            self.activation.follow(self.state, reading.manager_reloaded)
         if full:
             self._resynced(batch, time.monotonic() - started)
         self._after(transitions)
 
     def _after(self, transitions: list[Transition]) -> None:
+        was_holding = self.activation.holding
+        verdict = self.activation.look(
+            self.state, self.status.findings, transitions, time.monotonic()
+        )
+        self.actions.held = verdict.holding
+        if verdict.holding:
+            if not was_holding:
+                self._spawn(self._look_while_activating(), "activation.look")
+            self.publish()
+            return
+        transitions = verdict.transitions
         self.alerts.send(transitions)
         outcomes = self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
@@ -353,6 +378,16 @@ class Engine:
             self._heal_retry_due = True
             self._spawn(self._consider_again(min(waits)), "actions.heal_retry")
         self.publish()
+
+    async def _look_while_activating(self) -> None:
+        # Nothing need announce an activation's end (a unit going inactive) or a stuck one.
+        while self.activation.holding:
+            await asyncio.sleep(_ACTIVATION_LOOK)
+            unit = self.activation.unit_signal()
+            if unit is not None:
+                self._changes.put_nowait(UnitChanged(unit, time.monotonic()))
+            else:
+                self._after([])
 
     async def _consider_again(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -233,6 +233,16 @@ class StatusCollector:
             "policy.degraded_resync_interval stands in for them.",
             status.degraded,
         )
+        yield _flag(
+            "provenanced_activation_in_progress",
+            "1 while a Home Manager activation runs: findings, reloads and heals wait for its end.",
+            status.activation_in_progress,
+        )
+        yield _flag(
+            "provenanced_activation_stuck",
+            "1 when an activation outlived policy.activation_timeout and was judged as it stands.",
+            status.activation_stuck,
+        )
         yield _units(status)
         yield from _findings(status.findings)
         yield GaugeMetricFamily(
