@@ -215,6 +215,22 @@ class TestDuringASwitch:
         assert not os.path.lexists(home.sandbox.home / _CFG / removed)
         assert home.sandbox.show(removed, "LoadState")["LoadState"] == "not-found"
 
+    @pytest.mark.parametrize("release", RELEASES)
+    async def test_no_reload_of_its_own_while_units_wait_for_sd_switch(
+        self, home: Home, release: Release
+    ) -> None:
+        """Stale loads open for a second between the links and sd-switch: the daemon waits for
+        the activation's own daemon-reload instead of issuing one past its quiet window."""
+        gen = home.next_for(release)
+        options = Options(entries_seconds=1.0)
+        async with start_daemon(home.sandbox, settings(home.sandbox)) as running:
+            before = reloads(running)
+            await switch(home, gen, "standalone", options)
+            during = reloads(running) - before
+            await settled(running, gen)
+            assert during == 0
+            assert running.findings() == set()
+
     @pytest.mark.parametrize("where", ["unit-dir", "admin-dropin"])
     async def test_drift_injected_mid_switch_is_reported_once_after_it(
         self, home: Home, where: str
