@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from provenanced.core.activation import (
+from provenanced.core.state import AuditState
+from provenanced.core.switching import (
     CLEANUP_SUSPECTED,
     ActivationFacts,
     Root,
     activation_reason,
 )
-from provenanced.core.state import AuditState
 from provenanced.core.transitions import Key, diff
 from provenanced.core.vouching import home_manager_files_dir
 from provenanced.model import FileKind, Finding, FindingKind, Transition

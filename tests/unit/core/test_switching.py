@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from provenanced.core.activation import (
+from provenanced.core.switching import (
     CLEANUP_SUSPECTED,
     ActivationFacts,
     Root,

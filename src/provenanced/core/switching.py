@@ -1,4 +1,4 @@
-"""Whether a Home Manager activation is under way, judged from plain facts about its roots.
+"""Whether a Home Manager switch is under way, judged from plain facts about its roots.
 
 An activation relinks every file, has the manager stop, reload and start units, and moves
 ``gcroots/current-home`` (modules/home-environment.nix and modules/files.nix of
