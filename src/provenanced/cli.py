@@ -179,9 +179,15 @@ async def _baseline_accept(args: argparse.Namespace) -> int:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, host=args.host)
+    configure_logging(settings.log.level, settings.log.format)
+    if settings.scope == "host":
+        from provenanced.daemon.host import serve_host
+
+        asyncio.run(serve_host(settings, args.config))
+        return EXIT_OK
     from provenanced.daemon.service import serve
 
-    settings = _settings(args)
     asyncio.run(serve(settings, args.config))
     return EXIT_OK
 
@@ -268,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("run", _run_daemon, "run the daemon in the foreground (as the user service does)")
+    p = command("run", _run_daemon, "run the daemon in the foreground (as the user service does)")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="as root, follow every user's manager (config default /etc/provenanced/config.toml)",
+    )
 
     p = command("audit", lambda a: _run(_audit(a)), "audit every user unit once and list drift")
     p.add_argument("--json", action="store_true", help="print JSON")

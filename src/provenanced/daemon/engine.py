@@ -9,6 +9,7 @@ import posixpath
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
 
@@ -60,16 +61,23 @@ class Engine:
         telemetry: Telemetry,
         journal: JournalSink,
         env: Mapping[str, str] = os.environ,
+        *,
+        executor: Executor | None = None,
+        state_dir: str | None = None,
     ) -> None:
+        """Host mode passes ``executor`` (the user's thread: every file read and heal runs
+        there) and a ``state_dir`` of the daemon's; quarantine stays in the user's own state dir.
+        """
         self.settings = settings
         self.telemetry = telemetry
         self.env = dict(env)
         self.dirs = user_dirs(env)
-        self.state_dir = settings.resolved_state_dir(env)
+        self.state_dir = state_dir or settings.resolved_state_dir(env)
         self.state = AuditState(settings.provenance.managed_roots)
         self.alerts = Alerts(journal, telemetry, settings.policy.alert_min_interval)
-        healer = Healer(self.state_dir, self.dirs.home)
-        self.actions = Actions(settings.policy, healer, telemetry, journal)
+        healer = Healer(settings.resolved_state_dir(env), self.dirs.home)
+        self._executor = executor
+        self.actions = Actions(settings.policy, healer, telemetry, journal, executor)
         self.ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.status = DaemonStatus()
@@ -176,7 +184,12 @@ class Engine:
                 await manager.subscribe(conn, self._on_signal)
                 provenance = self.settings.provenance
                 self._observer = Observer(
-                    conn, self.dirs, provenance.managed_roots, provenance.home_manager, self._reader
+                    conn,
+                    self.dirs,
+                    provenance.managed_roots,
+                    provenance.home_manager,
+                    self._reader,
+                    self._executor,
                 )
                 await self._reread([FullResync("connected", time.monotonic(), True)])
                 self.connected.set()
@@ -229,7 +242,7 @@ class Engine:
         if opened is not None:
             self.telemetry.record_job_unverified()
             self.alerts.journal.send_job_unverified(opened)
-        self._after(transitions)
+        await self._after(transitions)
 
     # ---- files -----------------------------------------------------------------------------
 
@@ -312,11 +325,11 @@ class Engine:
             transitions = self.state.update(reading, time.time())
         if full:
             self._resynced(batch, time.monotonic() - started)
-        self._after(transitions)
+        await self._after(transitions)
 
-    def _after(self, transitions: list[Transition]) -> None:
+    async def _after(self, transitions: list[Transition]) -> None:
         self.alerts.send(transitions)
-        outcomes = self.actions.consider(self.state)
+        outcomes = await self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
             # The placed links raise inotify events of their own; this makes sure a resync follows.
             self._changes.put_nowait(FullResync("healed", time.monotonic()))
@@ -330,7 +343,7 @@ class Engine:
     async def _consider_again(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._heal_retry_due = False
-        self._after([])
+        await self._after([])
 
     def _resynced(self, batch: Sequence[Change], duration: float) -> None:
         self.resyncs += 1

@@ -6,8 +6,11 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TypeVar
 
 from provenanced.core.index import PathIndex
 from provenanced.core.state import Reading, Touched
@@ -29,6 +32,8 @@ from provenanced.model import (
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
 from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
+
+T = TypeVar("T")
 
 
 def user_dirs(env: Mapping[str, str]) -> UserDirs:
@@ -101,6 +106,8 @@ class Observer:
     managed_roots: tuple[str, ...]
     read_home_manager: bool = True
     reader: FactReader = field(default_factory=FactReader)
+    # Where file reads run; host mode passes the thread holding the user's credentials.
+    executor: Executor | None = None
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
     _index: PathIndex = field(default_factory=PathIndex)
     _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
@@ -118,13 +125,13 @@ class Observer:
         """
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
-            self._generation = await asyncio.to_thread(
+            self._generation = await self._off_loop(
                 read_generation, self.dirs.home, unit_dirs, self.reader, self._generation
             )
         else:
             self._generation = HomeManagerGeneration()
         generation = self._generation
-        scanned = scan_files(unit_dirs)
+        scanned = await self._off_loop(scan_files, unit_dirs)
         # Only units the manager holds already are read: loading one makes it read the files,
         # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
@@ -227,7 +234,11 @@ class Observer:
 
     async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
         """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
-        return await asyncio.to_thread(self.reader.read_many, sorted(paths))
+        return await self._off_loop(self.reader.read_many, sorted(paths))
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the executor (a worker thread by default)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
 
 def baseline_facts(obs: Observation) -> list[FileFact]:
