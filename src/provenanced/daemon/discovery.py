@@ -110,10 +110,8 @@ class RuntimeDirs:
                 self._on_change(scan_managers(self.runtime_root))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(BACKSTOP):
+                        # Each event is one rescan: a burst costs a few listings of a small dir.
                         await inotify.get()
-                        # A burst (a manager starting creates several entries) is one rescan.
-                        while inotify.sync_get() is not None:
-                            pass
 
     def _watch(self, inotify: Inotify) -> None:
         """Watch the root, each uid dir and its systemd dir; drop watches on what is gone."""

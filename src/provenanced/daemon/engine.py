@@ -64,9 +64,11 @@ class Engine:
         *,
         executor: Executor | None = None,
         state_dir: str | None = None,
+        uid: int | None = None,
     ) -> None:
         """Host mode passes ``executor`` (the user's thread: every file read and heal runs
-        there) and a ``state_dir`` of the daemon's; quarantine stays in the user's own state dir.
+        there), a ``state_dir`` of the daemon's (quarantine stays in the user's own state dir)
+        and the user's ``uid``, the owner their unit files should have.
         """
         self.settings = settings
         self.telemetry = telemetry
@@ -77,6 +79,7 @@ class Engine:
         self.alerts = Alerts(journal, telemetry, settings.policy.alert_min_interval)
         healer = Healer(settings.resolved_state_dir(env), self.dirs.home)
         self._executor = executor
+        self._uid = os.getuid() if uid is None else uid
         self.actions = Actions(settings.policy, healer, telemetry, journal, executor)
         self.ready = asyncio.Event()
         self.connected = asyncio.Event()
@@ -190,6 +193,7 @@ class Engine:
                     provenance.home_manager,
                     self._reader,
                     self._executor,
+                    self._uid,
                 )
                 await self._reread([FullResync("connected", time.monotonic(), True)])
                 self.connected.set()

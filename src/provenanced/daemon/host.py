@@ -169,6 +169,7 @@ class HostDaemon:
             manager.env(),
             executor=thread.executor(),
             state_dir=state_dir,
+            uid=manager.uid,
         )
         followed = _Followed(manager, engine, thread)
         assert self._tg is not None
@@ -198,11 +199,10 @@ class HostDaemon:
         self._publish()  # its findings go now, not when its engine has stopped
         followed.stop.set()
         if followed.task is not None:
-            try:
-                async with asyncio.timeout(_STOP_GRACE):
-                    await asyncio.shield(followed.task)
-            except TimeoutError:
-                followed.task.cancel()
+            # asyncio.wait neither raises the task's end nor cancels it at the deadline.
+            _done, pending = await asyncio.wait([followed.task], timeout=_STOP_GRACE)
+            for task in pending:
+                task.cancel()
         followed.thread.close()
         log.info("host.user_dropped", user=followed.manager.name, uid=uid, reason=reason)
 

@@ -108,6 +108,7 @@ class Observer:
     reader: FactReader = field(default_factory=FactReader)
     # Where file reads run; host mode passes the thread holding the user's credentials.
     executor: Executor | None = None
+    uid: int = field(default_factory=os.getuid)  # whose unit files these are (host mode: the user)
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
     _index: PathIndex = field(default_factory=PathIndex)
     _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
@@ -148,7 +149,7 @@ class Observer:
             units=frozen_map(records),
             facts=frozen_map(facts),
             unit_dirs=unit_dirs,
-            uid=os.getuid(),
+            uid=self.uid,
             scanned_files=frozenset(scanned),
         )
         return obs, generation
