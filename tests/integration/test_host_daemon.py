@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemonkit import WAIT, eventually, http_get
 from provenanced.config import Settings
+from provenanced.daemon.discovery import Logind
 from provenanced.daemon.host import HostDaemon
 from provenanced.model import FindingKind
 from provenanced.sandbox import HostSandbox, UserSandbox
@@ -207,3 +208,31 @@ class TestHostDaemon:
                 )
             finally:
                 os.kill(frank.manager_pid, signal.SIGCONT)
+
+
+class TestLogindSource:
+    """logind is asked first when a system bus answers; a bus without logind changes nothing."""
+
+    async def test_a_bus_without_logind_leaves_the_runtime_dirs_in_charge(
+        self, tmp_path: Path
+    ) -> None:
+        """A real dbus-daemon with no login1 on it: ListUsers fails, users() is None."""
+        socket_path = tmp_path / "system_bus_socket"
+        bus = await asyncio.create_subprocess_exec(
+            "dbus-daemon",
+            "--session",
+            "--nofork",
+            f"--address=unix:path={socket_path}",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await eventually(socket_path.exists, WAIT, "the bus socket")
+            logind = Logind(f"unix:path={socket_path}", timeout=5.0)
+            try:
+                assert await logind.users() is None
+            finally:
+                await logind.close()
+        finally:
+            bus.terminate()
+            async with asyncio.timeout(10):
+                await bus.wait()

@@ -1,4 +1,4 @@
-"""Which user managers run on this host: their runtime dirs, watched with inotify.
+"""Which user managers run on this host: their runtime dirs, watched with inotify, and logind.
 
 A user manager listens on ``<runtime_root>/<uid>/systemd/private``; the directory's name is
 the uid. The socket appears when the manager starts and goes with the runtime dir when the
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import structlog
 from asyncinotify import Inotify, Mask, Watch
+
+from provenanced.errors import ManagerCallError, ManagerUnreachableError
+from provenanced.systemd.bus import ManagerConnection, Transport
 
 log = structlog.get_logger("provenanced.discovery")
 
@@ -128,3 +131,56 @@ class RuntimeDirs:
                 continue
             with contextlib.suppress(OSError):
                 self._watches[path] = inotify.add_watch(path, _MASK)
+
+
+SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+_LOGIND = "org.freedesktop.login1"
+
+
+class Logind:
+    """logind's list of users (``ListUsers``) on the system bus, when it answers.
+
+    The first source of who is on the host: a runtime dir whose uid logind does not list is
+    not followed. Without a system bus, or when logind does not answer, ``users()`` is None
+    and the runtime dirs alone decide.
+    """
+
+    def __init__(self, address: str = SYSTEM_BUS, timeout: float = 5.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._conn: ManagerConnection | None = None
+
+    async def users(self) -> frozenset[int] | None:
+        """The uids logind lists now, or None when it cannot be asked."""
+        if not _bus_socket_exists(self.address):
+            return None  # no system bus (a container, the test bed): nothing to ask
+        try:
+            if self._conn is None or not self._conn.connected:
+                self._conn = await ManagerConnection.connect(
+                    Transport(self.address, "explicit"), self.timeout
+                )
+            (listed,) = await self._conn.call(
+                "ListUsers",
+                interface=f"{_LOGIND}.Manager",
+                path="/org/freedesktop/login1",
+                destination=_LOGIND,
+            )
+        except (ManagerUnreachableError, ManagerCallError, ValueError) as exc:
+            log.debug("logind.unavailable", address=self.address, error=str(exc))
+            return None
+        # Each entry is (uid, name, object path); anything else from the bus is ignored.
+        return frozenset(
+            e[0] for e in listed if isinstance(e, (list, tuple)) and e and isinstance(e[0], int)
+        )
+
+    async def close(self) -> None:
+        """Drop the connection, if any."""
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+def _bus_socket_exists(address: str) -> bool:
+    """Whether a ``unix:path=`` address names an existing file (other addresses: assume so)."""
+    path = address.removeprefix("unix:path=")
+    return path == address or os.path.exists(path)

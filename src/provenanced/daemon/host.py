@@ -24,7 +24,7 @@ from systemd import daemon as sd_daemon
 
 from provenanced.config import Settings
 from provenanced.daemon import notify
-from provenanced.daemon.discovery import RuntimeDirs, UserManager
+from provenanced.daemon.discovery import Logind, RuntimeDirs, UserManager
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
 from provenanced.errors import ConfigError, ProvenancedError, StateError
@@ -79,8 +79,9 @@ def user_settings(settings: Settings, manager: UserManager) -> Settings:
 class HostDaemon:
     """Every user manager discovery reports, one engine each; build with settings, ``await run``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, logind: Logind | None = None) -> None:
         self.settings = settings
+        self.logind = logind or Logind()
         self.telemetry = Telemetry(self.statuses, host=True)
         self.http: HttpServer | None = None
         self.discovered = asyncio.Event()  # the first scan of the runtime dirs is done
@@ -129,6 +130,7 @@ class HostDaemon:
             notify.stopping()
             for uid in list(self._followed):
                 await self._drop(uid, "daemon stopping")
+            await self.logind.close()
             assert self.http is not None
             self.http.stop()
 
@@ -143,6 +145,9 @@ class HostDaemon:
             await self._changed.wait()
             self._changed.clear()
             wanted = self._wanted
+            listed = await self.logind.users()
+            if listed is not None:
+                wanted = {uid: m for uid, m in wanted.items() if uid in listed}
             for uid, followed in list(self._followed.items()):
                 if wanted.get(uid) != followed.manager:
                     await self._drop(uid, "manager gone")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from provenanced.config import HostSettings, load_settings
-from provenanced.daemon.discovery import scan_managers
+from provenanced.daemon.discovery import Logind, scan_managers
 
 
 def _manager_socket(root: Path, name: str) -> Path:
@@ -60,3 +60,13 @@ class TestHostSettings:
         settings = load_settings(config, host=True)
         assert (settings.scope, settings.host.runtime_root) == ("host", "/srv/run/user")
         assert load_settings(config).scope == "user"
+
+
+class TestLogind:
+    async def test_no_system_bus_means_no_answer(self, tmp_path: Path) -> None:
+        """Without a system bus logind is not asked: users() is None, the runtime dirs decide."""
+        logind = Logind(f"unix:path={tmp_path}/system_bus_socket", timeout=2.0)
+        try:
+            assert await logind.users() is None
+        finally:
+            await logind.close()
