@@ -227,6 +227,10 @@ async def serve_host(settings: Settings, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Reloading the configuration is not supported in host mode yet; SIGHUP must not kill us.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("config.reload_unsupported", scope="host")
+    )
     log.info(
         "daemon.starting",
         pid=os.getpid(),
