@@ -218,7 +218,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _install(args: argparse.Namespace) -> int:
-    from provenanced.commands.install import install
+    from provenanced.commands.install import install, socket_listen
 
     settings = _settings(args)
     conn = await _connect(settings)
@@ -229,6 +229,8 @@ async def _install(args: argparse.Namespace) -> int:
             socket=args.socket,
             now=args.now,
             state_dir=settings.resolved_state_dir(os.environ),
+            # The socket unit listens on its own (packaged) address.
+            listen=socket_listen() if args.socket else settings.metrics.listen,
         )
     finally:
         await conn.close()
