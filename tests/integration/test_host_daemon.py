@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemonkit import WAIT, eventually, http_get
+from helpers import wait_until
 from provenanced.config import Settings
 from provenanced.daemon.discovery import Logind
 from provenanced.daemon.host import HostDaemon
 from provenanced.model import FindingKind
-from provenanced.sandbox import HostSandbox, UserSandbox
+from provenanced.sandbox import HostSandbox, Journald, UserSandbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.host]
 
@@ -208,6 +210,44 @@ class TestHostDaemon:
                 )
             finally:
                 os.kill(frank.manager_pid, signal.SIGCONT)
+
+
+class TestHostJournal:
+    """Entries about a user's units name the user, and carry what their journalctl matches."""
+
+    async def test_drift_entries_carry_the_user_fields(
+        self, journald: Journald | None, host_sandbox: HostSandbox, tmp_path: Path
+    ) -> None:
+        """PROVENANCED_USER, OBJECT_UID and OBJECT_SYSTEMD_USER_UNIT on the real journald."""
+        heidi = host_sandbox.add_user()
+        async with _running(_settings(host_sandbox, tmp_path, [heidi])) as daemon:
+            await eventually(lambda: _ready(daemon, heidi), WAIT, "ready")
+            path = _replace_link(heidi)
+            await eventually(
+                lambda: _has(daemon, heidi, FindingKind.LINK_REPLACED, path), WAIT, "detected"
+            )
+
+        def entry() -> dict[str, str] | None:
+            out = subprocess.run(
+                [
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "json",
+                    f"PROVENANCED_USER={heidi.account.name}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+            return next((e for e in entries if e.get("PROVENANCED_KIND") == "link-replaced"), None)
+
+        found = wait_until(entry, WAIT, message="the drift entry in the journal")
+        assert found["OBJECT_UID"] == str(heidi.account.uid)
+        assert found["OBJECT_SYSTEMD_USER_UNIT"] == found["USER_UNIT"] == UNIT
+        assert found["PROVENANCED_PATH"] == str(path)
 
 
 class TestLogindSource:
