@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -239,3 +241,19 @@ class TestUserThread:
             release.set()
             await stuck
             other.close()
+
+    def test_a_hung_call_does_not_keep_the_process_alive(self, user: UserSandbox) -> None:
+        """A call blocked forever on a user's thread: the interpreter still exits when done."""
+        code = (
+            "import asyncio, threading\n"
+            "from provenanced.fs.fsuid import Credentials, UserThread\n"
+            "async def main():\n"
+            f"    thread = await UserThread.start(Credentials.of_uid({user.account.uid}))\n"
+            "    thread.executor().submit(threading.Event().wait)\n"
+            "asyncio.run(main())\n"
+            "print('done', flush=True)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert (done.returncode, done.stdout) == (0, "done\n")
