@@ -250,19 +250,28 @@ class Engine:
 
     # ---- files -----------------------------------------------------------------------------
 
-    def _start_watching(self, obs: Observation) -> None:
+    async def _start_watching(self, obs: Observation) -> None:
         roots = tuple(d.path for d in obs.unit_dirs)
         if self._watcher is not None and self._watcher.roots == roots:
             degraded = self._watcher.degraded
-            self._watcher.refresh()
+            await self._refresh_watches(self._watcher)
             if degraded and not self._watcher.degraded:
                 log.info("inotify.watches_restored", watches=self._watcher.watch_count)
             return
         if self._watcher is not None:
             self._watcher.close()
-        self._watcher = UnitDirWatcher(roots, [self._places.gcroots_dir, self.state_dir])
-        self._watcher.refresh()
+        self._watcher = UnitDirWatcher(
+            roots, [self._places.gcroots_dir, self.state_dir], self._executor
+        )
+        await self._refresh_watches(self._watcher)
         self._spawn(self._watch_files(self._watcher), "fs.watch")
+
+    async def _refresh_watches(self, watcher: UnitDirWatcher) -> None:
+        """Place the watches; in host mode on the user's thread (a hung mount stalls only them)."""
+        if self._executor is None:
+            watcher.refresh()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._executor, watcher.refresh)
 
     async def _watch_files(self, watcher: UnitDirWatcher) -> None:
         with contextlib.suppress(ValueError, OSError):  # the watcher was closed and replaced
@@ -323,7 +332,7 @@ class Engine:
             reading = await self._observer.read(batch, self.state.observation)
             full = reading.touched is None
             if full:
-                self._start_watching(reading.observation)
+                await self._start_watching(reading.observation)
             if full or any(isinstance(c, BaselineChanged) for c in batch):
                 self._read_baseline(reading.observation)
             transitions = self.state.update(reading, time.time())
