@@ -276,12 +276,35 @@ class TestRecovery:
 
     async def test_daemon_reexec_keeps_following(self, fresh_sandbox: Sandbox) -> None:
         """After daemon-reexec the daemon still hears the manager and still detects drift."""
-        async with start_daemon(fresh_sandbox) as running:
+        # "flag" keeps the stale-load open instead of reloading it away before it is seen.
+        async with start_daemon(fresh_sandbox, need_daemon_reload="flag") as running:
+            reconnects = running.sample("provenanced_dbus_reconnects_total")
             fresh_sandbox.systemctl("daemon-reexec")
-            await eventually(running.engine.connected.is_set, 30)
+            # The re-executed manager drops our connection: wait for the new one, not the old.
+            await eventually(
+                lambda: (
+                    running.sample("provenanced_dbus_reconnects_total") > reconnects
+                    and running.engine.connected.is_set()
+                ),
+                30,
+            )
             resyncs = running.engine.resyncs
             fresh_sandbox.daemon_reload()
             await eventually(lambda: running.engine.resyncs > resyncs, 30)
+            path = fresh_sandbox.config_dir / WEB
+            edited = path.read_text() + "Environment=EDITED=1\n"
+            path.unlink()
+            path.write_text(edited)
+            await eventually(lambda: running.has(FindingKind.LINK_REPLACED, path))
+            # Only the new manager knows this: NeedDaemonReload=yes for the edited unit.
+            await eventually(
+                lambda: any(
+                    f.kind is FindingKind.STALE_LOAD
+                    and f.path == str(path)
+                    and f.detail.startswith("NeedDaemonReload=yes")
+                    for f in running.engine.status.findings
+                )
+            )
 
     async def test_inotify_overflow_resyncs(self, fresh_sandbox: Sandbox) -> None:
         """With a tiny kernel queue, a burst overflows it; a full resync still finds the truth."""
