@@ -869,3 +869,35 @@ class TestJournalLogging:
         assert entry["PRIORITY"] == "4"
         assert entry["UNIT"] == "a.service"
         assert entry["SYSLOG_IDENTIFIER"] == "provenanced"
+
+
+class TestHostModeEndpoints:
+    """One endpoint for every user: ?user= picks one user's findings, /-/ready waits for all."""
+
+    def test_findings_per_user_and_readiness_of_all(self) -> None:
+        """?user=NAME answers that user's document, an unknown user 404, no user all of them."""
+        finding = _finding("a.service")
+        statuses = {
+            "alice": DaemonStatus(findings=(finding,), ready=True, manager_connected=True),
+            "bob": DaemonStatus(units_audited=3),
+        }
+        endpoint = start_http_server(
+            "127.0.0.1:0", Telemetry(lambda: statuses, host=True).registry, lambda: statuses
+        )
+        try:
+            alice = json.loads(_request(endpoint.address, "/api/v1/findings?user=alice").body)
+            assert alice == {
+                "user": "alice",
+                "units": 0,
+                "findings": [finding.to_json()],
+                "stale": False,
+            }
+            assert _request(endpoint.address, "/api/v1/findings?user=carol").status == 404
+            every = json.loads(_request(endpoint.address, "/api/v1/findings").body)
+            assert sorted(every["users"]) == ["alice", "bob"]
+            ready = _request(endpoint.address, "/-/ready")
+            assert (ready.status, ready.body) == (503, b"not ready: waiting for bob\n")
+            metrics = _request(endpoint.address, "/metrics").body.decode()
+            assert 'provenanced_ready{user="alice"} 1.0' in metrics
+        finally:
+            endpoint.stop()

@@ -9,6 +9,7 @@ import posixpath
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
 
@@ -62,16 +63,26 @@ class Engine:
         telemetry: Telemetry,
         journal: JournalSink,
         env: Mapping[str, str] = os.environ,
+        *,
+        executor: Executor | None = None,
+        state_dir: str | None = None,
+        uid: int | None = None,
     ) -> None:
+        """Host mode passes ``executor`` (the user's thread: every file read and heal runs
+        there), a ``state_dir`` of the daemon's (quarantine stays in the user's own state dir)
+        and the user's ``uid``, the owner their unit files should have.
+        """
         self.settings = settings
         self.telemetry = telemetry
         self.env = dict(env)
         self.dirs = user_dirs(env)
-        self.state_dir = settings.resolved_state_dir(env)
+        self.state_dir = state_dir or settings.resolved_state_dir(env)
         self.state = AuditState(settings.provenance.managed_roots)
         self.alerts = Alerts(journal, telemetry, settings.policy.alert_min_interval)
-        healer = Healer(self.state_dir, self.dirs.home)
-        self.actions = Actions(settings.policy, healer, telemetry, journal)
+        healer = Healer(settings.resolved_state_dir(env), self.dirs.home)
+        self._executor = executor
+        self._uid = os.getuid() if uid is None else uid
+        self.actions = Actions(settings.policy, healer, telemetry, journal, executor)
         self.ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.status = DaemonStatus()
@@ -198,6 +209,8 @@ class Engine:
                     self._reader,
                     self._packages,
                     provenance.package_root,
+                    executor=self._executor,
+                    uid=self._uid,
                 )
                 await self._reread([FullResync("connected", time.monotonic(), True)])
                 self.connected.set()
@@ -250,15 +263,15 @@ class Engine:
         if opened is not None:
             self.telemetry.record_job_unverified()
             self.alerts.journal.send_job_unverified(opened)
-        self._after(transitions)
+        await self._after(transitions)
 
     # ---- files -----------------------------------------------------------------------------
 
-    def _start_watching(self, obs: Observation) -> None:
+    async def _start_watching(self, obs: Observation) -> None:
         roots = tuple(d.path for d in obs.unit_dirs)
         if self._watcher is not None and self._watcher.roots == roots:
             degraded = self._watcher.degraded
-            self._watcher.refresh()
+            await self._refresh_watches(self._watcher)
             if degraded and not self._watcher.degraded:
                 log.info("inotify.watches_restored", watches=self._watcher.watch_count)
             return
@@ -266,12 +279,17 @@ class Engine:
             self._watcher.close()
         # Generated units' sources: a change there re-reads the units whose SourcePath it is.
         # The distribution's are vouched for by construction: watching /usr/share buys nothing.
-        sources = [
-            d for d in quadlet_source_dirs(self.dirs, os.getuid()) if not is_vendor_source(d)
-        ]
-        self._watcher = UnitDirWatcher(roots, [*self._places.extra_dirs, *sources])
-        self._watcher.refresh()
+        sources = [d for d in quadlet_source_dirs(self.dirs, self._uid) if not is_vendor_source(d)]
+        self._watcher = UnitDirWatcher(roots, [*self._places.extra_dirs, *sources], self._executor)
+        await self._refresh_watches(self._watcher)
         self._spawn(self._watch_files(self._watcher), "fs.watch")
+
+    async def _refresh_watches(self, watcher: UnitDirWatcher) -> None:
+        """Place the watches; in host mode on the user's thread (a hung mount stalls only them)."""
+        if self._executor is None:
+            watcher.refresh()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._executor, watcher.refresh)
 
     async def _watch_files(self, watcher: UnitDirWatcher) -> None:
         with contextlib.suppress(ValueError, OSError):  # the watcher was closed and replaced
@@ -333,17 +351,17 @@ class Engine:
             reading = await observer.read(batch, self.state.observation)
             full = reading.touched is None
             if full:
-                self._start_watching(reading.observation)
+                await self._start_watching(reading.observation)
             if full or any(isinstance(c, BaselineChanged) for c in batch):
                 self._read_baseline(reading.observation)
             transitions = self.state.update(reading, time.time())
         if full:
             self._resynced(batch, time.monotonic() - started)
-        self._after(transitions)
+        await self._after(transitions)
 
-    def _after(self, transitions: list[Transition]) -> None:
+    async def _after(self, transitions: list[Transition]) -> None:
         self.alerts.send(transitions)
-        outcomes = self.actions.consider(self.state)
+        outcomes = await self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
             # The placed links raise inotify events of their own; this makes sure a resync follows.
             self._changes.put_nowait(FullResync("healed", time.monotonic()))
@@ -357,7 +375,7 @@ class Engine:
     async def _consider_again(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._heal_retry_due = False
-        self._after([])
+        await self._after([])
 
     def _resynced(self, batch: Sequence[Change], duration: float) -> None:
         self.resyncs += 1

@@ -6,8 +6,11 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TypeVar
 
 import structlog
 
@@ -42,6 +45,7 @@ from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
 from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
 
+T = TypeVar("T")
 log = structlog.get_logger("provenanced.observer")
 
 
@@ -122,6 +126,9 @@ class Observer:
     packages: PackageDatabase | None = None
     system_root: str = "/"  # where the package database's vendor directories live
     md5: Md5Reader = field(default_factory=Md5Reader)
+    # Where file reads run; host mode passes the thread holding the user's credentials.
+    executor: Executor | None = None
+    uid: int = field(default_factory=os.getuid)  # whose unit files these are (host mode: the user)
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
     _package_index: PackageIndex | None = None
     _package_key: object = None  # the database stamp and directories the index was read for
@@ -173,19 +180,21 @@ class Observer:
         """
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
-            self._generation = await asyncio.to_thread(
+            self._generation = await self._off_loop(
                 read_generation,
                 self.dirs.home,
                 unit_dirs,
                 self.reader,
                 self._generation,
-                quadlet_source_dirs(self.dirs, os.getuid()),
+                quadlet_source_dirs(self.dirs, self.uid),
             )
         else:
             self._generation = HomeManagerGeneration()
         generation = self._generation
         packages = self.read_packages(unit_dirs, keep=keep_packages)
-        scanned = scan_files(unit_dirs, packages.dirs if packages is not None else ())
+        scanned = await self._off_loop(
+            scan_files, unit_dirs, packages.dirs if packages is not None else ()
+        )
         # Only units the manager holds already are read: loading one makes it read the files,
         # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
@@ -203,7 +212,7 @@ class Observer:
             units=frozen_map(records),
             facts=frozen_map(facts),
             unit_dirs=unit_dirs,
-            uid=os.getuid(),
+            uid=self.uid,
             scanned_files=frozenset(scanned),
         )
         return obs, generation
@@ -321,7 +330,11 @@ class Observer:
 
         ``sources`` are generated units' sources, hashed although not named like units.
         """
-        return await asyncio.to_thread(self._read, sorted(paths), sources)
+        return await self._off_loop(self._read, sorted(paths), sources)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the executor (a worker thread by default)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
     def _read(self, paths: Iterable[str], sources: Collection[str]) -> dict[str, FileFact]:
         """Facts, with the MD5 a package database checks where it has one for the file."""

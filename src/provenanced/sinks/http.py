@@ -27,12 +27,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -108,7 +108,7 @@ class HttpServer:
 def start_http_server(
     listen: str,
     registry: CollectorRegistry,
-    get_status: Callable[[], DaemonStatus],
+    get_status: Callable[[], DaemonStatus | Mapping[str, DaemonStatus]],
     *,
     tls: TlsFiles | None = None,
     fd: int | None = None,
@@ -256,7 +256,7 @@ class _Server(ThreadingHTTPServer):
         self,
         sock: socket.socket,
         registry: CollectorRegistry,
-        get_status: Callable[[], DaemonStatus],
+        get_status: Callable[[], DaemonStatus | Mapping[str, DaemonStatus]],
         tls: ssl.SSLContext | None,
         stalled_for: Callable[[], float] | None,
     ) -> None:
@@ -408,7 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> _Response:
         server = cast(_Server, self.server)
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         if path == "/metrics":
             return self._metrics(server.registry)
         if path == "/-/healthy":
@@ -416,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/-/ready":
             return _ready(server.get_status())
         if path == "/api/v1/findings":
-            return _findings(server.get_status())
+            return _findings(server.get_status(), parse_qs(url.query).get("user", [None])[-1])
         if path == "/":
             body = _LANDING.format(version=html.escape(__version__)).encode()
             return _Response(HTTPStatus.OK, body, "text/html; charset=utf-8")
@@ -453,19 +454,40 @@ def _healthy(stalled_for: Callable[[], float] | None) -> _Response:
     return _Response(HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 
-def _ready(status: DaemonStatus) -> _Response:
+def _findings_document(status: DaemonStatus) -> dict[str, Any]:
+    return {
+        "units": status.units_audited,
+        "findings": [finding.to_json() for finding in status.findings],
+        "stale": status.behind,
+    }
+
+
+def _ready(got: DaemonStatus | Mapping[str, DaemonStatus]) -> _Response:
+    if not isinstance(got, DaemonStatus):
+        # Host mode: ready when every followed user's engine is (a host with none is ready).
+        waiting = sorted(user for user, s in got.items() if not (s.ready and s.manager_connected))
+        if not waiting:
+            return _Response(HTTPStatus.OK, b"provenanced is ready\n")
+        text = f"not ready: waiting for {', '.join(waiting[:10])}\n"
+        return _Response(HTTPStatus.SERVICE_UNAVAILABLE, text.encode("utf-8", "backslashreplace"))
+    status = got
     if status.ready and status.manager_connected:
         return _Response(HTTPStatus.OK, b"provenanced is ready\n")
     reason = "first audit not finished" if not status.ready else "user manager not connected"
     return _Response(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode())
 
 
-def _findings(status: DaemonStatus) -> _Response:
-    document = {
-        "units": status.units_audited,
-        "findings": [finding.to_json() for finding in status.findings],
-        "stale": status.behind,
-    }
+def _findings(got: DaemonStatus | Mapping[str, DaemonStatus], user: str | None) -> _Response:
+    document: dict[str, Any]
+    if isinstance(got, DaemonStatus):
+        document = _findings_document(got)
+    elif user is None:
+        # Host mode without ?user=: every followed user's document, by name.
+        document = {"users": {name: _findings_document(s) for name, s in sorted(got.items())}}
+    elif user in got:
+        document = {"user": user, **_findings_document(got[user])}
+    else:
+        return _Response(HTTPStatus.NOT_FOUND, b"no such user is followed\n")
     # ensure_ascii keeps undecodable path bytes (surrogates) encodable as \\u escapes.
     body = json.dumps(document, ensure_ascii=True).encode("ascii")
     return _Response(HTTPStatus.OK, body, "application/json")

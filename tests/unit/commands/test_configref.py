@@ -40,6 +40,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "metrics.tls.client_ca_file": ("/ca.pem", Path("/ca.pem")),
     "log.level": ("debug", "debug"),
     "log.format": ("json", "json"),
+    "scope": ("host", "host"),
+    "host.runtime_root": ("/srv/run/user", "/srv/run/user"),
+    "host.state_root": ("/srv/lib/provenanced", "/srv/lib/provenanced"),
+    "host.allow_users": ('["alice"]', ("alice",)),
+    "host.deny_users": ('["mallory"]', ("mallory",)),
 }
 
 
