@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import structlog
 
+from provenanced.config import ProvenanceSettings
 from provenanced.core.index import PathIndex
 from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
@@ -134,6 +135,13 @@ class Observer:
     _package_key: object = None  # the database stamp and directories the index was read for
     _index: PathIndex = field(default_factory=PathIndex)
     _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
+
+    def follow(self, provenance: ProvenanceSettings, packages: PackageDatabase | None) -> None:
+        """Read by a reloaded configuration's provenance section from now on."""
+        self.managed_roots = provenance.managed_roots
+        self.read_home_manager = provenance.home_manager
+        self.packages = packages
+        self.system_root = provenance.package_root
 
     async def unit_dirs(self) -> tuple[UnitDir, ...]:
         """The manager's UnitPath as tiered directories."""
