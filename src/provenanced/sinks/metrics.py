@@ -6,9 +6,10 @@ the daemon each get their own set of series and nothing else in the process can 
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final, Literal
+from typing import Final, Literal, ParamSpec, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
@@ -28,12 +29,24 @@ DETECTION_LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 RESYNC_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+P = ParamSpec("P")
 ActionResult = Literal["ok", "failed"]
 # A reload may also be held back: a job is queued or a defer_while_active unit is activating.
 ReloadResult = Literal["ok", "failed", "deferred"]
 ACTION_RESULTS: Final[tuple[ActionResult, ...]] = ("ok", "failed")
 RELOAD_RESULTS: Final[tuple[ReloadResult, ...]] = ("ok", "failed", "deferred")
 ALERT_RESULTS: Final[tuple[AlertResult, ...]] = ("ok", "error")
+
+
+def _counts(method: Callable[P, None]) -> Callable[P, None]:
+    """Mark a Telemetry method that moves a counter or histogram: it bumps ``version``."""
+
+    @functools.wraps(method)
+    def counted(*args: P.args, **kwargs: P.kwargs) -> None:
+        method(*args, **kwargs)
+        cast("Telemetry", args[0]).version += 1
+
+    return counted
 
 
 class Telemetry:
@@ -50,6 +63,7 @@ class Telemetry:
         reload_triggers: Iterable[str] = RELOAD_TRIGGERS,
     ) -> None:
         self.registry = CollectorRegistry()
+        self.version = 0  # moves with every counter and histogram, so /metrics knows to re-render
         reg = self.registry
         self._detected = Counter(
             "provenanced_findings_detected",
@@ -136,43 +150,53 @@ class Telemetry:
             for alert_result in ALERT_RESULTS:
                 self._alerts.labels(sink=sink, result=alert_result)
 
+    @_counts
     def record_transition(self, t: Transition) -> None:
         """Count a finding that opened or closed."""
         counter = self._detected if t.state == "detected" else self._resolved
         counter.labels(kind=t.finding.kind.value).inc()
 
+    @_counts
     def record_reload(self, trigger: str, result: ReloadResult) -> None:
         """Count one daemon-reload request and its outcome."""
         self._reloads.labels(trigger=trigger, result=result).inc()
 
+    @_counts
     def record_heal(self, kind: str, result: ActionResult) -> None:
         """Count one heal attempt and its outcome; ``kind`` is a FindingKind or its value."""
         self._heals.labels(kind=str(kind), result=result).inc()
 
+    @_counts
     def record_job_unverified(self) -> None:
         """Count one job that ended ``done`` but whose unit did not verify."""
         self._jobs_unverified.inc()
 
+    @_counts
     def observe_resync(self, seconds: float) -> None:
         """Record how long one full resync took."""
         self._resync.observe(seconds)
 
+    @_counts
     def observe_detection_latency(self, seconds: float) -> None:
         """Record the delay from the oldest change of a re-check batch to its findings."""
         self._latency.observe(seconds)
 
+    @_counts
     def record_dbus_call(self, method: str, result: str) -> None:
         """Count one D-Bus call to the manager and its outcome ("ok", "error" or "timeout")."""
         self._dbus_calls.labels(method=method, result=result).inc()
 
+    @_counts
     def record_reconnect(self) -> None:
         """Count one lost connection or failed connection attempt."""
         self._reconnects.inc()
 
+    @_counts
     def record_overflow(self) -> None:
         """Count one inotify queue overflow."""
         self._overflows.inc()
 
+    @_counts
     def record_alert(self, sink: str, result: AlertResult) -> None:
         """Count one notification handed to an alert sink; matches ``JournalSink``'s on_result."""
         self._alerts.labels(sink=sink, result=result).inc()
