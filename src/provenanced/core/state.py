@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from provenanced.core.audit import definition_hash
 from provenanced.core.incremental import IncrementalAudit
 from provenanced.core.jobs import JobFindings
+from provenanced.core.layered import changed
 from provenanced.core.transitions import Key, diff
 from provenanced.core.vouching import expectations
 from provenanced.model import (
@@ -58,6 +59,7 @@ class AuditState:
         self._audit: IncrementalAudit | None = None
         # Each unit's definition hash when the manager last loaded it: the mtime-blind reference.
         self._loaded_hashes: dict[str, str] = {}
+        self._published_hashes: Mapping[str, str] = frozen_map()  # what the last observation saw
         self._jobs = JobFindings()
 
     @property
@@ -128,12 +130,18 @@ class AuditState:
                 self._loaded_hashes = {}
             for name, unit in obs.units.items():
                 self._loaded_hashes.setdefault(name, definition_hash(unit, obs.facts))
+            self._published_hashes = frozen_map(self._loaded_hashes)
         else:
+            gone: list[str] = []
+            added: dict[str, str] = {}
             for name in reading.touched.units:
                 record = obs.units.get(name)
                 if record is None:
-                    self._loaded_hashes.pop(name, None)
-                else:
+                    if self._loaded_hashes.pop(name, None) is not None:
+                        gone.append(name)
+                elif name not in self._loaded_hashes:
                     # A unit seen for the first time: what is on disk now is the reference.
-                    self._loaded_hashes.setdefault(name, definition_hash(record, obs.facts))
-        return replace(obs, loaded_hashes=frozen_map(self._loaded_hashes))
+                    added[name] = self._loaded_hashes[name] = definition_hash(record, obs.facts)
+            # The published map is layered over the last one: a change does not copy every hash.
+            self._published_hashes = changed(self._published_hashes, added, gone)
+        return replace(obs, loaded_hashes=self._published_hashes)

@@ -8,6 +8,7 @@ import os
 import posixpath
 import random
 import time
+from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from provenanced.config import Settings
+from provenanced.core.layered import LayeredMap
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.changes import (
@@ -33,7 +35,14 @@ from provenanced.expect import baseline
 from provenanced.expect.generation import GCROOT
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import Overflow, UnitDirWatcher, WatchEvent, WatchLimitReached
-from provenanced.model import DaemonStatus, JobChecks, Observation, Transition, frozen_map
+from provenanced.model import (
+    DaemonStatus,
+    JobChecks,
+    Observation,
+    Transition,
+    UnitRecord,
+    frozen_map,
+)
 from provenanced.sinks.alerts import Alerts
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
@@ -49,6 +58,27 @@ _RETRY_DELAY = 1.0
 
 class _Shutdown(Exception):
     """Raised inside the task group to end it when ``stop`` is set."""
+
+
+class _LoadStates:
+    """Units by LoadState, counted once per full observation and then adjusted by each change."""
+
+    def __init__(self) -> None:
+        self._base: Mapping[str, UnitRecord] | None = None
+        self._base_counts: Counter[str] = Counter()
+
+    def count(self, units: Mapping[str, UnitRecord]) -> Mapping[str, int]:
+        base, layer = (units.base, units.layer()) if isinstance(units, LayeredMap) else (units, ())
+        if base is not self._base:
+            self._base, self._base_counts = base, Counter(u.load_state for u in base.values())
+        counts = self._base_counts.copy()
+        for name, record in layer:
+            old = base.get(name)
+            if old is not None:
+                counts[old.load_state] -= 1
+            if record is not None:
+                counts[record.load_state] += 1
+        return frozen_map({state: n for state, n in counts.items() if n > 0})
 
 
 class Engine:
@@ -73,6 +103,7 @@ class Engine:
         self.ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.status = DaemonStatus()
+        self._load_states = _LoadStates()
         self.resyncs = 0
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._conn: ManagerConnection | None = None
@@ -138,12 +169,9 @@ class Engine:
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
         obs = self.state.observation
-        load_states: dict[str, int] = {}
-        for unit in obs.units.values() if obs else ():
-            load_states[unit.load_state] = load_states.get(unit.load_state, 0) + 1
         self.status = DaemonStatus(
             findings=tuple(self.state.findings.values()),
-            units_by_load_state=frozen_map(load_states),
+            units_by_load_state=self._load_states.count(obs.units if obs else frozen_map()),
             manager_connected=self.connected.is_set(),
             transport=self._transport,
             ready=self.ready.is_set(),
