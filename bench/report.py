@@ -48,7 +48,10 @@ def _timer_p(r: Result, factor: float) -> float:
 
 OURS: Sequence[Row] = (
     ("files in the tree (units)", lambda r: f"{r.files} ({r.size})"),
-    ("daemon start → ready", lambda r: _seconds(r.ready_seconds)),
+    (
+        "daemon start → `READY=1` / → `/-/ready` 200",
+        lambda r: f"{_seconds(r.notified_seconds)} / {_seconds(r.ready_seconds)}",
+    ),
     (
         "full resync, median (min-max, n)",
         lambda r: (

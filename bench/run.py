@@ -49,6 +49,7 @@ class Result:
     generate_seconds: float = math.nan
     boot_seconds: float = math.nan
     ready_seconds: float = math.nan
+    notified_seconds: float = math.nan  # start → READY=1 on NOTIFY_SOCKET
     resyncs: list[float] = field(default_factory=list)
     dbus_calls_per_resync: float = math.nan
     units_audited: float = math.nan
@@ -212,9 +213,11 @@ def _measure_daemon(
     own_mounts: bool,
 ) -> None:
     result.ready_seconds = daemon.start()
+    result.notified_seconds = daemon.notified_seconds or math.nan
     result.rss_ready = daemon.proc().rss_bytes
     log(
-        f"N={plan.size}: daemon ready in {result.ready_seconds:.2f} s, "
+        f"N={plan.size}: daemon READY=1 in {result.notified_seconds:.2f} s, "
+        f"/-/ready in {result.ready_seconds:.2f} s, "
         f"RSS {result.rss_ready / 2**20:.1f} MiB"
     )
     for _ in range(plan.one_shot):
