@@ -49,6 +49,7 @@ class DaemonProcess:
             self.env[f"PROVENANCED_POLICY__{key.upper()}"] = str(value)
         self._proc: subprocess.Popen[bytes] | None = None
         self.notified_seconds: float | None = None  # start → READY=1, once start() saw it
+        self._notify: socket.socket | None = None
 
     @property
     def pid(self) -> int:
@@ -65,21 +66,21 @@ class DaemonProcess:
         """
         notify_path = self.log.with_suffix(".notify")
         notify_path.unlink(missing_ok=True)
-        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as notify:
-            notify.bind(str(notify_path))
-            started = time.perf_counter()
-            with self.log.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "provenanced", "run"],
-                    env={**self.env, "NOTIFY_SOCKET": str(notify_path)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            ready = self._wait_ready(notify, started, timeout)
-        notify_path.unlink(missing_ok=True)
-        return ready
+        # Kept open while the daemon runs: it notifies again on SIGHUP and when stopping.
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(notify_path))
+        self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        started = time.perf_counter()
+        with self.log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "provenanced", "run"],
+                env={**self.env, "NOTIFY_SOCKET": str(notify_path)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self._wait_ready(self._notify, started, timeout)
 
     def _wait_ready(self, notify: socket.socket, started: float, timeout: float) -> float:
         assert self._proc is not None
@@ -133,13 +134,17 @@ class DaemonProcess:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL the whole process group if it lingers; idempotent."""
         proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+        if self._notify is not None:
+            path = self._notify.getsockname()
+            self._notify.close()
+            self._notify = None
+            Path(path).unlink(missing_ok=True)
