@@ -61,6 +61,10 @@ OURS: Sequence[Row] = (
     ),
     ("D-Bus calls per full resync", lambda r: _count(r.dbus_calls_per_resync)),
     (
+        "CPU per full resync, daemon / manager (median)",
+        lambda r: f"{ms(r.resync_cpu[0])} / {ms(r.resync_cpu[1])}",
+    ),
+    (
         "change → finding on /metrics, p50 / p99",
         lambda r: _pair(ms(r.p("to_metrics", 50)), ms(r.p("to_metrics", 99))),
     ),
@@ -173,6 +177,17 @@ BASELINES: Sequence[Row] = (
             _pair(
                 ratio(r.node_exporter.median, median(r.scrapes)),
                 ratio(r.node_exporter_private.median, median(r.scrapes)),
+            )
+            if r.node_exporter and r.node_exporter_private
+            else "n/a"
+        ),
+    ),
+    (
+        "  ratio: node_exporter scrape / our full resync, bus / private socket",
+        lambda r: (
+            _pair(
+                ratio(r.node_exporter.median, _resync(r)),
+                ratio(r.node_exporter_private.median, _resync(r)),
             )
             if r.node_exporter and r.node_exporter_private
             else "n/a"
