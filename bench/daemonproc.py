@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,12 @@ HOST = "127.0.0.1"
 
 class DaemonError(Exception):
     """The daemon did not come up or went away."""
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(4096):
+            pass
 
 
 class DaemonProcess:
@@ -80,7 +87,11 @@ class DaemonProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return self._wait_ready(self._notify, started, timeout)
+        ready = self._wait_ready(self._notify, started, timeout)
+        # Read on as systemd does: a unix datagram queue holds 10 messages, and a sender whose
+        # queue is full blocks (the daemon's loop with it) on its next RELOADING=1.
+        threading.Thread(target=_drain, args=(self._notify,), daemon=True).start()
+        return ready
 
     def _wait_ready(self, notify: socket.socket, started: float, timeout: float) -> float:
         assert self._proc is not None
@@ -145,6 +156,8 @@ class DaemonProcess:
                 proc.wait(timeout=15)
         if self._notify is not None:
             path = self._notify.getsockname()
+            with contextlib.suppress(OSError):
+                self._notify.shutdown(socket.SHUT_RDWR)  # wakes the draining thread
             self._notify.close()
             self._notify = None
             Path(path).unlink(missing_ok=True)
