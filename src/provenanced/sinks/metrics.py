@@ -7,6 +7,7 @@ the daemon each get their own set of series and nothing else in the process can 
 from __future__ import annotations
 
 import functools
+import itertools
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Literal, ParamSpec, cast
@@ -44,7 +45,9 @@ def _counts(method: Callable[P, None]) -> Callable[P, None]:
     @functools.wraps(method)
     def counted(*args: P.args, **kwargs: P.kwargs) -> None:
         method(*args, **kwargs)
-        cast("Telemetry", args[0]).version += 1
+        telemetry = cast("Telemetry", args[0])
+        # A fresh number, never a read-modify-write: sinks may record from a worker thread.
+        telemetry.version = next(telemetry._ticks)
 
     return counted
 
@@ -64,6 +67,7 @@ class Telemetry:
     ) -> None:
         self.registry = CollectorRegistry()
         self.version = 0  # moves with every counter and histogram, so /metrics knows to re-render
+        self._ticks = itertools.count(1)
         reg = self.registry
         self._detected = Counter(
             "provenanced_findings_detected",
