@@ -24,6 +24,7 @@ from provenanced.sandbox import (
 _MANAGER_MARKERS = frozenset({"integration", "fault", "e2e"})
 _E2E_MARKERS = frozenset({"e2e"})
 _HOST_MARKERS = frozenset({"host"})
+_DPKG_MARKERS = frozenset({"dpkg"})
 _DBUS_SOCKET_UNITS = ("/usr/lib/systemd/user/dbus.socket", "/lib/systemd/user/dbus.socket")
 
 
@@ -67,6 +68,11 @@ _PARTS = (
     _Part(f"systemd-journald ({JOURNALD_BINARY}, run as root)", _journald_usable, _MANAGER_MARKERS),
     _Part("journalctl on PATH", lambda: shutil.which("journalctl") is not None, _MANAGER_MARKERS),
     _Part("root with useradd, userdel and setpriv", _can_create_accounts, _HOST_MARKERS),
+    _Part(
+        "dpkg and dpkg-deb on PATH, as root (dpkg --root installs owned by root)",
+        lambda: bool(shutil.which("dpkg") and shutil.which("dpkg-deb")) and os.geteuid() == 0,
+        _DPKG_MARKERS,
+    ),
     _Part(
         "promtool on PATH (Debian: prometheus)",
         lambda: shutil.which("promtool") is not None,

@@ -21,6 +21,7 @@ from provenanced.core.vouching import expectations
 from provenanced.daemon.observer import Observer, baseline_facts, matches, user_dirs
 from provenanced.errors import ProvenancedError, UsageError, one_line
 from provenanced.expect import baseline
+from provenanced.expect.packages import open_database
 from provenanced.logging import configure_logging
 from provenanced.model import Finding
 from provenanced.systemd.bus import ManagerConnection, resolve_address
@@ -61,11 +62,14 @@ async def _connect(settings: Settings) -> ManagerConnection:
 
 
 def _observer(settings: Settings, conn: ManagerConnection) -> Observer:
+    provenance = settings.provenance
     return Observer(
         conn,
         user_dirs(os.environ),
-        settings.provenance.managed_roots,
-        read_home_manager=settings.provenance.home_manager,
+        provenance.managed_roots,
+        read_home_manager=provenance.home_manager,
+        packages=open_database(provenance.packages, provenance.package_root),
+        system_root=provenance.package_root,
     )
 
 
@@ -99,11 +103,10 @@ async def _audit(args: argparse.Namespace) -> int:
             f"provenanced: recorded a first baseline of {len(accepted)} files in {path}",
             file=sys.stderr,
         )
-    findings = [
-        f
-        for f in audit(obs, expectations(settings.provenance.managed_roots, generation, accepted))
-        if matches(f.unit, args.patterns)
-    ]
+    exp = expectations(
+        settings.provenance.managed_roots, generation, accepted, observer.package_index
+    )
+    findings = [f for f in audit(obs, exp) if matches(f.unit, args.patterns)]
     units = sum(1 for name in obs.units if matches(name, args.patterns))
     duration = time.monotonic() - started
     if args.json:
@@ -136,7 +139,9 @@ async def _show(args: argparse.Namespace) -> int:
     finally:
         await conn.close()
     accepted = baseline.load_baseline(settings.resolved_state_dir(os.environ))
-    exp = expectations(settings.provenance.managed_roots, generation, accepted or {})
+    exp = expectations(
+        settings.provenance.managed_roots, generation, accepted or {}, observer.package_index
+    )
     shown = [provenance_of(obs.units[name], obs, exp) for name in args.units if name in obs.units]
     if args.json:
         print(json.dumps([u.to_json() for u in shown], indent=2, ensure_ascii=False))
@@ -151,11 +156,15 @@ async def _show(args: argparse.Namespace) -> int:
                 role,
                 f.tier,
                 f.kind,
-                f.owner.value,
+                f.owner_label,
                 (f.sha256 or "-")[:12],
                 f.path + (f" -> {f.target}" if f.target else ""),
             )
-            for role, f in [("fragment", unit.fragment)] + [("drop-in", d) for d in unit.dropins]
+            for role, f in [
+                ("fragment", unit.fragment),
+                *[("drop-in", d) for d in unit.dropins],
+                ("source", unit.source),
+            ]
             if f is not None
         ]
         if rows:

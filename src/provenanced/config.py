@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from provenanced.errors import ConfigError, one_line
+from provenanced.expect.packages import PackageManager
 from provenanced.model import FindingKind
 
 HEALABLE = frozenset(
@@ -64,6 +65,14 @@ class ProvenanceSettings(_Section):
         ("/nix/store",), description="Symlinks resolving inside these directories are managed"
     )
     home_manager: bool = Field(True, description="Read the current Home Manager generation's links")
+    packages: PackageManager = Field(
+        "auto",
+        description="Package database vouching for the vendor tier: auto (dpkg when present), "
+        "dpkg, or none (the vendor tier is trusted as shipped)",
+    )
+    package_root: str = Field(
+        "/", description="Root the package database describes (dpkg --root); / except for chroots"
+    )
 
     @field_validator("managed_roots")
     @classmethod
@@ -72,6 +81,13 @@ class ProvenanceSettings(_Section):
             if not posixpath.isabs(root):
                 raise ValueError(f"managed root {root!r} is not an absolute path")
         return tuple(posixpath.normpath(r) for r in roots)
+
+    @field_validator("package_root")
+    @classmethod
+    def _absolute_root(cls, root: str) -> str:
+        if not posixpath.isabs(root):
+            raise ValueError(f"package root {root!r} is not an absolute path")
+        return posixpath.normpath(root)
 
 
 HealMode = Literal["flag", "heal"]

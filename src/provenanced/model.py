@@ -43,6 +43,7 @@ class Owner(StrEnum):
     HOME_MANAGER = "home-manager"
     MANAGED_ROOT = "managed-root"
     BASELINE = "baseline"
+    PACKAGE = "package"
     SYSTEM = "system"
     NONE = "none"
 
@@ -64,6 +65,8 @@ class FindingKind(StrEnum):
     JOB_UNVERIFIED = "job-unverified"
     FOREIGN_OWNER = "foreign-owner"
     UNSAFE_MODE = "unsafe-mode"
+    PACKAGE_MODIFIED = "package-modified"
+    PACKAGE_UNOWNED = "package-unowned"
 
 
 # The largest unit file or drop-in provenanced hashes or has the manager load. systemd caps a
@@ -114,6 +117,8 @@ class FileFact:
     mode: int | None = None
     size: int | None = None
     sha256: str | None = None
+    # Only for files a package database records by MD5 (dpkg): hashing every file twice costs.
+    md5: str | None = None
     mtime_ns: int | None = None
     inode: int | None = None
     error: str | None = None
@@ -177,15 +182,48 @@ class BaselineEntry:
     sha256: str | None
 
 
+PackageDigest = Literal["md5", "sha256"]
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedFile:
+    """What the package database records for one file of the vendor tier.
+
+    ``digests`` are the checksums its packages recorded (several when packages share the file);
+    empty when none was recorded, as for a symlink: then only the ownership is vouched for.
+    """
+
+    path: str
+    packages: tuple[str, ...]
+    digests: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PackageIndex:
+    """The package database's word on the vendor unit directories it covers.
+
+    A file in one of ``dirs`` is vouched for only by ``files``; vendor directories outside
+    ``dirs`` (``/usr/local``, which no package may use) keep being vouched for by the system.
+    """
+
+    manager: str  # "dpkg"
+    digest: PackageDigest
+    dirs: frozenset[str]
+    files: Mapping[str, PackagedFile] = field(default_factory=frozen_map)
+    # A path the database diverts the packaged file away from: where the packaged file went.
+    diverted: Mapping[str, str] = field(default_factory=frozen_map)
+
+
 @dataclass(frozen=True, slots=True)
 class Expectations:
-    """Everything that vouches for files: Home Manager, managed roots, the accepted baseline."""
+    """Everything that vouches for files: Home Manager, managed roots, the baseline, packages."""
 
     managed_roots: tuple[str, ...] = ("/nix/store",)
     home_manager_generation: str | None = None
     home_manager_files: str | None = None
     home_manager_links: Mapping[str, ExpectedLink] = field(default_factory=frozen_map)
     baseline: Mapping[str, BaselineEntry] = field(default_factory=frozen_map)
+    packages: PackageIndex | None = None  # None: no package database, the vendor tier as before
 
 
 @dataclass(frozen=True, slots=True)

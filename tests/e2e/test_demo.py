@@ -132,7 +132,7 @@ def test_scenario_is_caught_and_ctrl_c_cleans_up(demo: Demo) -> None:
     assert processes_of(root), "the sandbox's manager should be running before Ctrl-C"
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(timeout=60) == 0, demo.output()
-    assert "[step 1/4]" in demo.output()
+    assert "[step 1/5]" in demo.output()
     assert processes_of(root) == []
     assert not Path(root).exists()
 

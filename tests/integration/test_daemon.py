@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,10 @@ WEB = "podman-web.service"
 async def daemon(fresh_sandbox: Sandbox) -> AsyncIterator[Running]:
     async with start_daemon(fresh_sandbox) as running:
         yield running
+
+
+def _base(mapping: Mapping[str, object]) -> Mapping[str, object]:
+    return mapping.base if isinstance(mapping, LayeredMap) else mapping
 
 
 class TestDetection:
@@ -68,8 +72,9 @@ class TestDetection:
         path.write_bytes(content)
         await eventually(lambda: daemon.has(FindingKind.LINK_REPLACED, path))
         after = daemon.engine.state.observation
-        assert isinstance(after.facts, LayeredMap) and after.facts.base is before.facts
-        assert isinstance(after.units, LayeredMap) and after.units.base is before.units
+        # Layered over the same base as before (``before`` may itself be a layer over it).
+        assert isinstance(after.facts, LayeredMap) and after.facts.base is _base(before.facts)
+        assert isinstance(after.units, LayeredMap) and after.units.base is _base(before.units)
         assert after.facts[str(path)].kind is FileKind.FILE
         assert dict(before.facts) == facts_before and dict(before.units) == units_before
         assert before.facts[str(path)].kind is FileKind.SYMLINK
@@ -297,12 +302,35 @@ class TestRecovery:
 
     async def test_daemon_reexec_keeps_following(self, fresh_sandbox: Sandbox) -> None:
         """After daemon-reexec the daemon still hears the manager and still detects drift."""
-        async with start_daemon(fresh_sandbox) as running:
+        # "flag" keeps the stale-load open instead of reloading it away before it is seen.
+        async with start_daemon(fresh_sandbox, need_daemon_reload="flag") as running:
+            reconnects = running.sample("provenanced_dbus_reconnects_total")
             fresh_sandbox.systemctl("daemon-reexec")
-            await eventually(running.engine.connected.is_set, 30)
+            # The re-executed manager drops our connection: wait for the new one, not the old.
+            await eventually(
+                lambda: (
+                    running.sample("provenanced_dbus_reconnects_total") > reconnects
+                    and running.engine.connected.is_set()
+                ),
+                30,
+            )
             resyncs = running.engine.resyncs
             fresh_sandbox.daemon_reload()
             await eventually(lambda: running.engine.resyncs > resyncs, 30)
+            path = fresh_sandbox.config_dir / WEB
+            edited = path.read_text() + "Environment=EDITED=1\n"
+            path.unlink()
+            path.write_text(edited)
+            await eventually(lambda: running.has(FindingKind.LINK_REPLACED, path))
+            # Only the new manager knows this: NeedDaemonReload=yes for the edited unit.
+            await eventually(
+                lambda: any(
+                    f.kind is FindingKind.STALE_LOAD
+                    and f.path == str(path)
+                    and f.detail.startswith("NeedDaemonReload=yes")
+                    for f in running.engine.status.findings
+                )
+            )
 
     async def test_inotify_overflow_resyncs(self, fresh_sandbox: Sandbox) -> None:
         """With a tiny kernel queue, a burst overflows it; a full resync still finds the truth."""

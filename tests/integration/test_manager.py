@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
 from provenanced.errors import ManagerCallError, ManagerUnreachableError
 from provenanced.model import UnitRecord
 from provenanced.sandbox import Sandbox
@@ -29,6 +30,7 @@ from provenanced.systemd.names import dropin_dirs_for, unit_object_path
 pytestmark = pytest.mark.integration
 
 EXAMPLE_UNITS = ("podman-web.service", "backup.service", "backup.timer")
+HELD = "pvtest-held.service"
 # Long enough for a loaded CI runner, short enough that a lost signal fails fast.
 SIGNAL_WAIT = 15.0
 
@@ -78,6 +80,38 @@ def resume_manager(sandbox: Sandbox) -> Iterator[Callable[[], None]]:
     resume()
 
 
+@pytest.fixture
+def held_job(sandbox: Sandbox) -> Iterator[manager.JobSummary]:
+    """A start job that stays running until teardown (a oneshot that never exits), as systemctl
+    lists it."""
+    unit = sandbox.admin_dir / HELD
+    unit.write_text("[Service]\nType=oneshot\nExecStart=/bin/sleep infinity\n")
+    sandbox.daemon_reload()
+    sandbox.systemctl("start", "--no-block", HELD)
+    try:
+        listed = wait_until(
+            lambda: re.search(
+                rf"^(\d+) {re.escape(HELD)} start running$",
+                sandbox.systemctl("list-jobs", "--no-legend").stdout,
+                re.MULTILINE,
+            ),
+            message=f"{HELD}'s start job running",
+        )
+        job_id = int(listed.group(1))
+        yield manager.JobSummary(
+            job_id,
+            HELD,
+            "start",
+            "running",
+            f"/org/freedesktop/systemd1/job/{job_id}",
+            unit_object_path(HELD),
+        )
+    finally:
+        sandbox.systemctl("stop", HELD)
+        unit.unlink()
+        sandbox.daemon_reload()
+
+
 def _show(sandbox: Sandbox, unit: str) -> dict[str, str]:
     """What ``systemctl --user show`` prints for the properties a UnitRecord carries."""
     return sandbox.show(
@@ -117,14 +151,18 @@ class TestConnect:
         assert web.path == unit_object_path("podman-web.service")
         assert conn.peer is (transport.kind == "private")
 
-    async def test_repeated_private_connects(self, sandbox: Sandbox) -> None:
+    async def test_repeated_private_connects(
+        self, sandbox: Sandbox, held_job: manager.JobSummary
+    ) -> None:
         """Every private-socket connect answers: the BEGIN+Hello stall of systemd 252 is gone."""
         transport = _transport(sandbox, "private")
         for _ in range(50):
             async with await ManagerConnection.connect(transport, timeout=5.0) as connection:
-                assert await manager.list_jobs(connection) is not None
+                assert held_job in await manager.list_jobs(connection)
 
-    async def test_private_connects_during_a_signal_flood(self, sandbox: Sandbox) -> None:
+    async def test_private_connects_during_a_signal_flood(
+        self, sandbox: Sandbox, held_job: manager.JobSummary
+    ) -> None:
         """Signals right behind the server's OK stay in the socket for the reader: every connect
         authenticates and its first call is answered while reloads flood the manager's signals."""
         transport = _transport(sandbox, "private")
@@ -139,7 +177,8 @@ class TestConnect:
         try:
             for _ in range(40):
                 async with await ManagerConnection.connect(transport, timeout=5.0) as connection:
-                    assert await manager.list_jobs(connection) is not None
+                    # A reload keeps queued jobs: the answer is the same running job each time.
+                    assert held_job in await manager.list_jobs(connection)
         finally:
             stop.set()
             thread.join()
@@ -329,9 +368,11 @@ class TestCalls:
         conn: ManagerConnection,
         sandbox: Sandbox,
         calls: list[tuple[str, CallResult]],
+        held_job: manager.JobSummary,
         resume_manager: Callable[[], None],
     ) -> None:
-        """A manager that stopped answering turns a call into ManagerCallError, not a hang."""
+        """A manager that stopped answering turns a call into ManagerCallError, not a hang; once
+        it runs again the same connection answers."""
         os.kill(sandbox.manager_pid, signal.SIGSTOP)
         try:
             with pytest.raises(ManagerCallError, match=r"no reply within 0\.2 s"):
@@ -339,7 +380,17 @@ class TestCalls:
         finally:
             resume_manager()
         assert calls == [("ListJobs", "timeout")]
-        assert await manager.list_jobs(conn) is not None
+        assert held_job in await manager.list_jobs(conn)
+
+    async def test_list_jobs_idle(self, conn: ManagerConnection) -> None:
+        """An idle manager has no jobs."""
+        assert await manager.list_jobs(conn) == []
+
+    async def test_list_jobs_pending(
+        self, conn: ManagerConnection, held_job: manager.JobSummary
+    ) -> None:
+        """A running start job is listed with the id, type, state and paths systemctl shows."""
+        assert await manager.list_jobs(conn) == [held_job]
 
     async def test_restart_and_result(self, conn: ManagerConnection, sandbox: Sandbox) -> None:
         """RestartUnit queues a job; afterwards the result facts match the run."""

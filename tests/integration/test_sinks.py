@@ -421,10 +421,13 @@ class TestSocketActivation:
         """A bound but not listening socket is a ConfigError, and its fd is left open."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
+            bound, before = sock.getsockname(), os.fstat(sock.fileno())
             with pytest.raises(ConfigError, match="not a listening TCP socket"):
                 start_http_server("127.0.0.1:1", telemetry.registry, status, fd=sock.fileno())
-            assert sock.fileno() >= 0
-            sock.getsockname()
+            # A closed fd fails fstat, or (reused) names another file: it must be this socket.
+            after = os.fstat(sock.fileno())
+            assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+            assert sock.getsockname() == bound
 
     def test_rejects_a_non_socket(self, telemetry: Telemetry, status: _Status) -> None:
         """An fd that is not a socket is a ConfigError."""

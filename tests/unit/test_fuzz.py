@@ -6,10 +6,10 @@ import os
 import random
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +25,8 @@ from provenanced.model import (
     Finding,
     FindingKind,
     Observation,
+    PackagedFile,
+    PackageIndex,
     Tier,
     UnitDir,
     UnitRecord,
@@ -36,6 +38,16 @@ from provenanced.systemd.events import (
     MANAGER_IFACE,
     MANAGER_PATH,
     PROPERTIES_IFACE,
+    SYSTEMD_NAME,
+    JobNew,
+    JobRemoved,
+    ManagerEvent,
+    ManagerOwnerChanged,
+    PropertiesChanged,
+    Reloading,
+    UnitFilesChanged,
+    UnitNew,
+    UnitRemoved,
     decode_signal,
 )
 from provenanced.systemd.names import (
@@ -113,44 +125,125 @@ _BODIES: dict[str, st.SearchStrategy[list[Any]]] = {
     "b": st.tuples(st.booleans()).map(list),
     "": st.just([]),
     "s": st.tuples(st.text()).map(list),
-    "sss": st.tuples(st.text(), st.text(), st.text()).map(list),
-    "sa{sv}as": st.tuples(st.text(), st.just({}), st.lists(st.text(), max_size=3)).map(list),
+    "sss": st.tuples(st.one_of(st.just(SYSTEMD_NAME), st.text()), st.text(), st.text()).map(list),
+    "sa{sv}as": st.tuples(
+        st.text(),
+        st.dictionaries(st.text(max_size=8), st.text().map(lambda v: Variant("s", v)), max_size=3),
+        st.lists(st.text(), max_size=3),
+    ).map(list),
 }
+# The signals the daemon uses, as org.freedesktop.systemd1(5) and the D-Bus specification
+# define them: member → (interface, an object path it is sent from, signature, event).
+_DOCUMENTED: dict[str, tuple[str, str, str, type[ManagerEvent]]] = {
+    "UnitNew": (MANAGER_IFACE, MANAGER_PATH, "so", UnitNew),
+    "UnitRemoved": (MANAGER_IFACE, MANAGER_PATH, "so", UnitRemoved),
+    "JobNew": (MANAGER_IFACE, MANAGER_PATH, "uos", JobNew),
+    "JobRemoved": (MANAGER_IFACE, MANAGER_PATH, "uoss", JobRemoved),
+    "Reloading": (MANAGER_IFACE, MANAGER_PATH, "b", Reloading),
+    "UnitFilesChanged": (MANAGER_IFACE, MANAGER_PATH, "", UnitFilesChanged),
+    "PropertiesChanged": (
+        PROPERTIES_IFACE,
+        f"{MANAGER_PATH}/unit/x",
+        "sa{sv}as",
+        PropertiesChanged,
+    ),
+    "NameOwnerChanged": (DBUS_NAME, DBUS_PATH, "sss", ManagerOwnerChanged),
+}
+_INTERFACES = [MANAGER_IFACE, PROPERTIES_IFACE, DBUS_NAME, "a.b"]
+_PATHS = [MANAGER_PATH, f"{MANAGER_PATH}/unit/x", f"{MANAGER_PATH}x", DBUS_PATH, "/x"]
+
+
+def _other(values: list[str], than: str) -> st.SearchStrategy[str]:
+    return st.sampled_from([value for value in values if value != than])
 
 
 @st.composite
-def signals(draw: st.DrawFn) -> Message:
-    signature = draw(st.sampled_from(sorted(_BODIES)))
-    return Message(
+def signals(draw: st.DrawFn) -> tuple[Message, bool]:
+    """A signal, and whether it is sent exactly as documented (about the manager's own name).
+
+    Some are documented, some differ from a documented signal in one part, some are random.
+    """
+    member = draw(st.sampled_from([*_DOCUMENTED, "Other"]))
+    parts = ["interface", "path", "signature"]
+    if member == "NameOwnerChanged":
+        parts += ["sender", "name"]
+    # "documented", the one part that differs from the documented signal, or "random".
+    altered = draw(st.sampled_from(["documented", *parts, "random"]))
+    if altered == "random" or member not in _DOCUMENTED:
+        altered = "random"
+        interface = draw(st.sampled_from(_INTERFACES))
+        path = draw(st.sampled_from(_PATHS))
+        signature = draw(st.sampled_from(sorted(_BODIES)))
+    else:
+        interface, path, signature, _ = _DOCUMENTED[member]
+    if altered == "interface":
+        interface = draw(_other(_INTERFACES, interface))
+    elif altered == "path":
+        path = draw(_other(_PATHS, path))
+    elif altered == "signature":
+        signature = draw(_other(sorted(_BODIES), signature))
+    body = draw(_BODIES[signature])
+    sender = draw(st.sampled_from([DBUS_NAME, ":1.1", None]))
+    if altered != "random" and member == "NameOwnerChanged" and signature == "sss":
+        # Only the bus itself announces owners, and only the manager's name concerns us.
+        sender = draw(st.sampled_from([":1.1", None])) if altered == "sender" else DBUS_NAME
+        body[0] = (
+            draw(st.sampled_from(["org.example.Web", ""])) if altered == "name" else SYSTEMD_NAME
+        )
+    message = Message(
         message_type=MessageType.SIGNAL,
-        path=draw(st.sampled_from([MANAGER_PATH, DBUS_PATH, f"{MANAGER_PATH}/unit/x", "/x"])),
-        interface=draw(st.sampled_from([MANAGER_IFACE, PROPERTIES_IFACE, DBUS_NAME, "a.b"])),
-        member=draw(
-            st.sampled_from(
-                [
-                    "UnitNew",
-                    "UnitRemoved",
-                    "JobNew",
-                    "JobRemoved",
-                    "Reloading",
-                    "UnitFilesChanged",
-                    "PropertiesChanged",
-                    "NameOwnerChanged",
-                    "Other",
-                ]
-            )
-        ),
-        sender=draw(st.sampled_from([DBUS_NAME, ":1.1", None])),
+        path=path,
+        interface=interface,
+        member=member,
+        sender=sender,
         signature=signature,
-        body=draw(_BODIES[signature]),
+        body=body,
     )
+    return message, altered == "documented"
+
+
+def _sent_from_the_manager(msg: Message) -> bool:
+    """Sent by the object the documentation names: the manager, one of its units or jobs, or the
+    bus itself for owner changes."""
+    path = msg.path or ""
+    if msg.member == "PropertiesChanged":
+        return path == MANAGER_PATH or path.startswith(MANAGER_PATH + "/")
+    if msg.member == "NameOwnerChanged":
+        return (path, msg.sender) == (DBUS_PATH, DBUS_NAME)
+    return path == MANAGER_PATH
+
+
+def _holds_body(event: ManagerEvent, msg: Message) -> bool:
+    """Whether ``event`` carries exactly what the signal said, Variants unwrapped."""
+    if isinstance(event, PropertiesChanged):
+        interface, changed, invalidated = msg.body
+        unwrapped = {key: value.value for key, value in changed.items()}
+        return (event.unit_path, event.interface, dict(event.changed), event.invalidated) == (
+            msg.path,
+            interface,
+            unwrapped,
+            tuple(invalidated),
+        )
+    if isinstance(event, ManagerOwnerChanged):
+        return bool(msg.body[0] == SYSTEMD_NAME and event.new_owner == msg.body[2])
+    return bool([getattr(event, field.name) for field in fields(event)] == msg.body)
 
 
 class TestSignalDecoding:
+    @settings(max_examples=1000, deadline=None)
     @given(signals())
-    def test_never_raises(self, msg: Message) -> None:
-        """Every well-formed signal, expected or not, decodes to an event or to None."""
-        decode_signal(msg)
+    def test_decodes_only_what_the_signal_says(self, signal: tuple[Message, bool]) -> None:
+        """A signal decodes to None, or to the event its member names when the manager sent it as
+        documented, holding its body; a documented one always decodes; nothing ever raises."""
+        msg, documented = signal
+        event = decode_signal(msg)
+        if documented:
+            assert event is not None
+        if event is not None:
+            interface, _, signature, kind = _DOCUMENTED[msg.member or ""]
+            assert (type(event), msg.interface, msg.signature) == (kind, interface, signature)
+            assert _sent_from_the_manager(msg)
+            assert _holds_body(event, msg)
 
 
 # --- the audit core --------------------------------------------------------------------------
@@ -193,6 +286,7 @@ facts = st.builds(
     mode=st.sampled_from([None, 0o644, 0o666, 0o620, 0o444]),
     size=st.sampled_from([None, 0, 10]),
     sha256=SHAS,
+    md5=SHAS,
     mtime_ns=st.sampled_from([None, 1]),
     inode=st.sampled_from([None, 1, 2]),
     error=st.sampled_from([None, "Permission denied", "Too many levels of symbolic links"]),
@@ -208,6 +302,26 @@ units = st.builds(
 )
 expected_links = st.builds(
     ExpectedLink, path=paths, target=targets.map(str), resolved=targets, sha256=SHAS
+)
+VENDOR = DIRS[4].path
+packaged_files = st.builds(
+    PackagedFile,
+    path=st.sampled_from([p for p in PATHS if p.startswith(VENDOR + "/")]),
+    packages=st.sampled_from([("systemd",), ("a", "b:amd64")]),
+    digests=st.frozensets(st.sampled_from(["s1", "s2"]), max_size=2),
+)
+package_indexes = st.one_of(
+    st.none(),
+    st.builds(
+        PackageIndex,
+        manager=st.just("dpkg"),
+        digest=st.sampled_from(["md5", "sha256"]),
+        dirs=st.sampled_from([frozenset({VENDOR}), frozenset()]),
+        files=st.lists(packaged_files, max_size=4).map(
+            lambda fs: frozen_map({f.path: f for f in fs})
+        ),
+        diverted=st.sampled_from([frozen_map({}), frozen_map({f"{VENDOR}/web.service": "/x"})]),
+    ),
 )
 baseline_entries = st.builds(
     BaselineEntry,
@@ -245,6 +359,7 @@ def cases(draw: st.DrawFn) -> tuple[Observation, Expectations]:
             {e.path: e for e in draw(st.lists(expected_links, max_size=6))}
         ),
         baseline=frozen_map({e.path: e for e in draw(st.lists(baseline_entries, max_size=6))}),
+        packages=draw(package_indexes),
     )
     return obs, exp
 
@@ -263,10 +378,13 @@ _PATH_KINDS = frozenset(
         FindingKind.UNSAFE_MODE,
     }
 )
+# Kinds only the package database gives: their path is in a directory the index covers.
+_PACKAGE_KINDS = frozenset({FindingKind.PACKAGE_MODIFIED, FindingKind.PACKAGE_UNOWNED})
 
 
 def _known_paths(obs: Observation, exp: Expectations) -> set[str]:
     known = {*obs.facts, *obs.scanned_files, *exp.home_manager_links, *exp.baseline}
+    known.update(exp.packages.files if exp.packages is not None else ())
     for unit in obs.units.values():
         known.add(unit.fragment_path)
         known.update(unit.dropin_paths)
@@ -296,6 +414,7 @@ def _shuffled(obs: Observation, exp: Expectations, seed: int) -> tuple[Observati
             home_manager_files=exp.home_manager_files,
             home_manager_links=mix(exp.home_manager_links),
             baseline=mix(exp.baseline),
+            packages=exp.packages and replace(exp.packages, files=mix(exp.packages.files)),
         ),
     )
 
@@ -318,9 +437,13 @@ class TestAuditCore:
             assert finding.path in known, finding
             assert finding.severity in ("critical", "warning", "info")
             assert finding.detail
-            if finding.kind in _PATH_KINDS:
-                loc = locate(finding.path, dirs)
-                assert loc is not None and loc.unit_dir.tier in AUDITED_TIERS, finding
+            loc = locate(finding.path, dirs)
+            packaged = exp.packages.dirs if exp.packages is not None else frozenset()
+            if finding.kind in _PACKAGE_KINDS:
+                assert loc is not None and loc.unit_dir.path in packaged, finding
+            elif finding.kind in _PATH_KINDS:
+                in_packaged = loc is not None and loc.unit_dir.path in packaged
+                assert loc is not None and (loc.unit_dir.tier in AUDITED_TIERS or in_packaged)
         # The order of the inputs does not matter: the same findings, in the same order.
         assert audit(*_shuffled(obs, exp, seed)) == found
 

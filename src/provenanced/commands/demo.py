@@ -23,6 +23,7 @@ from provenanced.daemon.service import Daemon
 from provenanced.logging import configure_logging
 from provenanced.model import Finding, FindingKind
 from provenanced.sandbox import Generation, Journald, Sandbox, ensure_journald, example_units
+from provenanced.sandbox.quadlet import container_source
 from provenanced.sinks.journal import DRIFT_DETECTED, JOB_UNVERIFIED, RELOAD_DONE
 
 STEP_PAUSE = 8.0  # seconds between a change and the next one: time to look at the endpoints
@@ -31,6 +32,8 @@ _POLL = 0.05
 _UNITS = ".config/systemd/user"
 WEB = "podman-web.service"
 REPORT = "nightly-report.service"
+PROXY = "proxy.service"  # made by the quadlet stand-in from a Home Manager-linked source
+_PROXY_SOURCE = ".config/containers/systemd/proxy.container"
 _REPORT_INPUT = ".cache/nightly-report/input"
 _REPORT_UNIT = """\
 [Unit]
@@ -64,6 +67,7 @@ def demo_units() -> dict[str, str]:
     timer = REPORT.replace(".service", ".timer")
     return {
         **example_units(),
+        _PROXY_SOURCE: container_source("docker.io/library/nginx:1.25"),
         f"{_UNITS}/{REPORT}": _REPORT_UNIT,
         f"{_UNITS}/{timer}": _REPORT_TIMER,
         f"{_UNITS}/timers.target.wants/{timer}": _REPORT_TIMER,
@@ -100,7 +104,7 @@ class Step:
 
 
 class Scenario:
-    """Injects the four field failures one after another into the sandbox, then repairs them.
+    """Injects the five field failures one after another into the sandbox, then repairs them.
 
     Files change the way a person's ``cp`` or Home Manager's activation changes them: written
     beside the tree and renamed into place, so no half-written file is ever seen.
@@ -113,6 +117,7 @@ class Scenario:
         self.web = sandbox.config_dir / WEB
         self.dropin = sandbox.admin_dir / f"{WEB}.d" / "50-forgotten.conf"
         self.report_input = sandbox.home / _REPORT_INPUT
+        self.proxy_source = sandbox.home / _PROXY_SOURCE
         self.scratch = sandbox.root / "scratch"
 
     def steps(self) -> list[Step]:
@@ -151,6 +156,16 @@ class Scenario:
                 REPORT,
                 self._unverified_restart,
                 self._verified_restart,
+            ),
+            Step(
+                f"replace the Home Manager link of the quadlet source {self.proxy_source.name} by "
+                "an edited copy (a new image tag, PublishPort=0.0.0.0:80:80)",
+                f"link-replaced on the source of {PROXY}; the daemon reloads, the generator "
+                "re-runs on the edit, and the finding stays open until the link is back",
+                FindingKind.LINK_REPLACED,
+                PROXY,
+                self._edit_proxy_source,
+                self._restore_proxy_source,
             ),
         ]
 
@@ -240,6 +255,13 @@ class Scenario:
 
     async def _restore_link(self) -> None:
         self._swap_in(self.web, target=self.generation.home_files / _UNITS / WEB)
+
+    async def _edit_proxy_source(self) -> None:
+        edited = container_source("docker.io/library/nginx:latest", publish="0.0.0.0:80:80")
+        self._swap_in(self.proxy_source, content=edited.encode())
+
+    async def _restore_proxy_source(self) -> None:
+        self._swap_in(self.proxy_source, target=self.generation.home_files / _PROXY_SOURCE)
 
     async def _add_dropin(self) -> None:
         self.dropin.parent.mkdir(parents=True, exist_ok=True)
@@ -365,6 +387,7 @@ def run_demo(scenario: bool, listen: str) -> int:
         report_input = sandbox.home / _REPORT_INPUT
         report_input.parent.mkdir(parents=True, exist_ok=True)
         report_input.write_text("ready\n")
+        sandbox.install_quadlet()
         sandbox.start()
         settings = demo_settings(sandbox, listen)
         configure_logging(settings.log.level, settings.log.format)

@@ -6,12 +6,15 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from provenanced.core.sources import is_vendor_source
 from provenanced.core.unitpath import AUDITED_TIERS, USER_TIERS, Location, locate
 from provenanced.core.vouching import (
     home_manager_files_dir,
     in_linked_managed_dir,
+    in_managed_root,
     is_under,
     matches_expected,
+    package_state,
     same_as_baseline,
     through_expected_dir,
 )
@@ -24,6 +27,7 @@ from provenanced.model import (
     Finding,
     FindingKind,
     Observation,
+    PackageIndex,
     Severity,
     UnitDir,
     UnitRecord,
@@ -46,6 +50,11 @@ SEVERITY: Mapping[FindingKind, Severity] = {
     K.JOB_UNVERIFIED: "critical",
     K.FOREIGN_OWNER: "critical",
     K.UNSAFE_MODE: "critical",
+    # Edited in place: what runs is not what the package shipped, and its next upgrade will
+    # silently overwrite the edit; as a divergent replaced link, it pages.
+    K.PACKAGE_MODIFIED: "critical",
+    # Nothing vouches for it, as for an unmanaged unit file in a user directory.
+    K.PACKAGE_UNOWNED: "warning",
 }
 
 # When one path yields several of these, only the most specific is reported.
@@ -66,9 +75,10 @@ def _finding(kind: FindingKind, unit: str, path: str, detail: str) -> Finding:
 
 
 def definition_hash(unit: UnitRecord, facts: Mapping[str, FileFact]) -> str:
-    """A hash of what defines a unit: each fragment/drop-in path with its content hash."""
+    """A hash of what defines a unit: each fragment/drop-in/source path with its content hash."""
     digest = hashlib.sha256()
-    for path in unit.definition_paths:
+    # The source counts: an edit that keeps its mtime is invisible to NeedDaemonReload.
+    for path in (*unit.definition_paths, *filter(None, [unit.source_path])):
         fact = facts.get(path)
         digest.update(f"{path}\0{fact.sha256 if fact else ''}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
@@ -111,11 +121,16 @@ class Judge:
             path in obs.scanned_files
             or path in self.exp.home_manager_links
             or path in self.exp.baseline
+            or (self.exp.packages is not None and path in self.exp.packages.files)
         )
 
     def path(self, obs: Observation, path: str, unit_hint: str | None) -> Iterator[Finding]:
         """Findings about one file (``unit_hint``: the loaded unit that owns it, if any)."""
         return _check_path(self, obs, path, unit_hint)
+
+    def source(self, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
+        """Findings about the file a generated ``unit`` was made from (its ``SourcePath``)."""
+        return _check_source(self, obs, path, unit)
 
     def unit(self, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
         """Findings about one loaded unit as a whole."""
@@ -124,6 +139,11 @@ class Judge:
     def locate(self, path: str) -> Location | None:
         """The unit directory ``path`` lives in, and the unit it belongs to."""
         return locate(path, self.dirs)
+
+    def packages_of(self, loc: Location) -> PackageIndex | None:
+        """The package database that vouches for files in this location's directory, if any."""
+        packages = self.exp.packages
+        return packages if packages is not None and loc.unit_dir.path in packages.dirs else None
 
     @staticmethod
     def fact(obs: Observation, path: str) -> FileFact:
@@ -176,13 +196,35 @@ def _check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Iter
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """What a judged file is to its unit: where it sits, and what an unvouched one is called."""
+
+    unit: str
+    unmanaged: FindingKind
+    where: str  # the start of an "unmanaged" detail
+    user_tier: bool  # a file only the user should own
+    can_mask: bool  # an empty file or a /dev/null link here masks the unit
+
+
+def _place_of(loc: Location) -> _Place:
+    return _Place(
+        loc.unit,
+        K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT,
+        f"a file in the {loc.unit_dir.tier.value} tier",
+        loc.unit_dir.tier in USER_TIERS,
+        # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
+        not loc.is_dropin,
+    )
+
+
 def _check_owner_and_mode(
-    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
+    judge: Judge, obs: Observation, place: _Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     if in_linked_managed_dir(fact, judge.exp):
         return  # a read-only store file, root-owned by design: nobody rewrites it in place
-    if loc.unit_dir.tier in USER_TIERS and fact.uid is not None and fact.uid != obs.uid:
+    if place.user_tier and fact.uid is not None and fact.uid != obs.uid:
         what = "symlink" if fact.kind is FileKind.SYMLINK else "file"
         yield _finding(
             K.FOREIGN_OWNER,
@@ -256,25 +298,20 @@ def _check_expected(
         )
 
 
-def _unmanaged_kind(loc: Location) -> FindingKind:
-    return K.UNMANAGED_DROPIN if loc.is_dropin else K.UNMANAGED_UNIT
-
-
 def _check_unexpected(
-    judge: Judge, obs: Observation, loc: Location, path: str, fact: FileFact
+    judge: Judge, obs: Observation, place: _Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     base = judge.exp.baseline.get(path)
-    # An empty or /dev/null drop-in masks only same-named drop-ins, never the unit itself.
     if (
         fact.masked
-        and not loc.is_dropin
+        and place.can_mask
         and (unit in judge.expected_units or (base is not None and not _base_masked(base)))
     ):
         yield _finding(K.MASKED, unit, path, "masks a unit that is expected to be defined")
         return
     if fact.kind is FileKind.SYMLINK:
-        yield from _check_unexpected_link(judge, obs, loc, path, fact, base)
+        yield from _check_unexpected_link(judge, obs, place, path, fact, base)
     elif (base is not None and same_as_baseline(fact, base)) or in_linked_managed_dir(
         fact, judge.exp
     ):
@@ -295,17 +332,17 @@ def _check_unexpected(
             )
         elif base is not None and not fact.error:
             yield _finding(
-                _unmanaged_kind(loc),
+                place.unmanaged,
                 unit,
                 path,
                 f"content changed since the accepted baseline (sha256 {_short(base.sha256)} → {_short(fact.sha256)})",
             )
         else:
             yield _finding(
-                _unmanaged_kind(loc),
+                place.unmanaged,
                 unit,
                 path,
-                f"a file in the {loc.unit_dir.tier.value} tier that neither Home Manager, a managed root "
+                f"{place.where} that neither Home Manager, a managed root "
                 f"nor the accepted baseline vouches for{_unread(fact)}",
             )
 
@@ -317,12 +354,12 @@ def _base_masked(base: BaselineEntry) -> bool:
 def _check_unexpected_link(
     judge: Judge,
     obs: Observation,
-    loc: Location,
+    place: _Place,
     path: str,
     fact: FileFact,
     base: BaselineEntry | None,
 ) -> Iterator[Finding]:
-    unit = loc.unit
+    unit = place.unit
     vouched = base is not None and same_as_baseline(fact, base)
     if fact.dangling and not vouched:
         yield _finding(K.LINK_DANGLING, unit, path, _dangling_detail(fact))
@@ -348,7 +385,7 @@ def _check_unexpected_link(
         )
         return
     yield _finding(
-        _unmanaged_kind(loc),
+        place.unmanaged,
         unit,
         path,
         f"symlink to {fact.resolved}, outside the managed roots, and nothing vouches for it"
@@ -356,32 +393,99 @@ def _check_unexpected_link(
     )
 
 
+def _check_packaged(
+    packages: PackageIndex, unit: str, loc: Location, path: str, fact: FileFact
+) -> Iterator[Finding]:
+    state = package_state(path, fact, packages)
+    entry = packages.files.get(path)
+    if state == "intact" or fact.kind is FileKind.DIRECTORY:
+        return
+    if entry is None:
+        if fact.kind is FileKind.MISSING:
+            return
+        diverted = packages.diverted.get(path)
+        moved = f"; it diverts the packaged file to {diverted}" if diverted else ""
+        yield _finding(
+            K.PACKAGE_UNOWNED,
+            unit,
+            path,
+            f"no package owns this {loc.unit_dir.tier.value}-tier file "
+            f"(not in the {packages.manager} database){moved}",
+        )
+        return
+    names = ", ".join(entry.packages)
+    if state == "missing":
+        why = f" ({fact.error})" if fact.error else ""
+        detail = f"missing{why}: package {names} installed it ({packages.manager})"
+    elif fact.kind is not FileKind.FILE:
+        found = f"a symlink to {fact.target}" if fact.kind is FileKind.SYMLINK else "something else"
+        detail = f"{found} where package {names} installed a regular file ({packages.manager})"
+    else:
+        digest = fact.md5 if packages.digest == "md5" else fact.sha256
+        now = _short(digest) if digest else f"unreadable: {fact.error or 'not hashed'}"
+        recorded = ", ".join(sorted(_short(d) for d in entry.digests))
+        detail = (
+            f"differs from the file package {names} installed "
+            f"({packages.digest} {now}, {packages.manager} recorded {recorded})"
+        )
+    yield _finding(K.PACKAGE_MODIFIED, unit, path, detail)
+
+
 def _check_path(
     judge: Judge, obs: Observation, path: str, unit_hint: str | None
 ) -> Iterator[Finding]:
     loc = judge.locate(path)
-    if loc is None or loc.unit_dir.tier not in AUDITED_TIERS:
+    if loc is None:
+        return
+    packages = judge.packages_of(loc)
+    if loc.unit_dir.tier not in AUDITED_TIERS and packages is None:
         return
     unit = unit_hint or loc.unit
     fact = judge.fact(obs, path)
+    if packages is not None:
+        # The package database alone vouches for its directories: Home Manager and the
+        # baseline never reach them.
+        if fact.kind is not FileKind.MISSING:
+            yield from _check_owner_and_mode(judge, obs, _place_of(loc), path, fact)
+        yield from _check_packaged(packages, unit, loc, path, fact)
+        return
     if fact.kind is FileKind.MISSING:
         missing = tuple(_check_missing(judge, obs, path, unit))
         if not missing and fact.error:
             # lstat itself failed (a parent we may not search): nothing can vouch for this path.
             yield _finding(
-                _unmanaged_kind(loc),
+                _place_of(loc).unmanaged,
                 unit,
                 path,
                 f"cannot be examined ({fact.error}), so nothing vouches for it",
             )
         yield from missing
         return
-    yield from _check_owner_and_mode(judge, obs, loc, path, fact)
+    place = _place_of(loc)
+    yield from _check_owner_and_mode(judge, obs, place, path, fact)
     expected = judge.exp.home_manager_links.get(path)
     if expected is not None:
         yield from _check_expected(judge, obs, unit, path, fact, expected)
     elif fact.kind is not FileKind.DIRECTORY:
-        yield from _check_unexpected(judge, obs, loc, path, fact)
+        yield from _check_unexpected(judge, obs, place, path, fact)
+
+
+def _check_source(judge: Judge, obs: Observation, path: str, unit: str) -> Iterator[Finding]:
+    # A generated unit is vouched for by its generator only as far as its source is.
+    if is_vendor_source(path):
+        return
+    fact = judge.fact(obs, path)
+    if fact.kind is FileKind.MISSING:
+        yield from _check_missing(judge, obs, path, unit)
+        return
+    # Sources in /etc/containers/systemd/users are root's by design: no ownership check.
+    place = _Place(unit, K.UNMANAGED_UNIT, "the source of a generated unit", False, False)
+    yield from _check_owner_and_mode(judge, obs, place, path, fact)
+    expected = judge.exp.home_manager_links.get(path)
+    if expected is not None:
+        yield from _check_expected(judge, obs, unit, path, fact, expected)
+    elif fact.kind is not FileKind.DIRECTORY and not in_managed_root(fact, judge.exp):
+        yield from _check_unexpected(judge, obs, place, path, fact)
 
 
 def _check_unit(judge: Judge, obs: Observation, unit: UnitRecord) -> Iterator[Finding]:
@@ -457,6 +561,16 @@ def owners(units: Iterable[UnitRecord]) -> dict[str, str]:
     return result
 
 
+def source_owners(units: Iterable[UnitRecord]) -> dict[str, str]:
+    """Each source path (``SourcePath``) with the loaded unit that owns its findings."""
+    result: dict[str, str] = {}
+    for unit in units:
+        path = unit.source_path
+        if path and (path not in result or unit.name < result[path]):
+            result[path] = unit.name
+    return result
+
+
 def drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
     """The findings without duplicates or the ones a more specific kind on the same path covers."""
     unique = {f.key: f for f in findings}
@@ -471,14 +585,22 @@ def drop_subsumed(findings: Iterable[Finding]) -> tuple[Finding, ...]:
     return tuple(sorted(kept, key=lambda f: (f.unit, f.kind.value, f.path)))
 
 
+def expected_paths(exp: Expectations) -> set[str]:
+    """Every path something expects to exist: judged even when nothing scanned or loaded it."""
+    packaged = exp.packages.files if exp.packages is not None else ()
+    return {*exp.home_manager_links, *exp.baseline, *packaged}
+
+
 def audit(obs: Observation, exp: Expectations) -> tuple[Finding, ...]:
     """Every drift in one observation, judged against what is expected; sorted, no duplicates."""
     judge = Judge.build(exp, obs.unit_dirs)
     owned = owners(obs.units.values())
-    paths = {*obs.scanned_files, *exp.home_manager_links, *exp.baseline, *owned}
+    paths = {*obs.scanned_files, *expected_paths(exp), *owned}
     findings: list[Finding] = []
     for path in paths:
         findings.extend(judge.path(obs, path, owned.get(path)))
+    for path, unit_name in source_owners(obs.units.values()).items():
+        findings.extend(judge.source(obs, path, unit_name))
     for unit in obs.units.values():
         findings.extend(judge.unit(obs, unit))
     return drop_subsumed(findings)

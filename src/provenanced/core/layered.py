@@ -125,6 +125,11 @@ class LayeredSet(Set[K]):
             return self
         return LayeredSet(changed(self._map, added, removed))
 
+    @classmethod
+    def _from_iterable(cls, items: Iterable[Any]) -> frozenset[Any]:
+        # What ``|``, ``&`` and ``-`` build: a plain frozenset, not a layer.
+        return frozenset(items)
+
     def __contains__(self, item: object) -> bool:
         return item in self._map
 

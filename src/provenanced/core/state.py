@@ -19,6 +19,7 @@ from provenanced.model import (
     HomeManagerGeneration,
     JobChecks,
     Observation,
+    PackageIndex,
     ServiceResult,
     Transition,
     frozen_map,
@@ -41,6 +42,7 @@ class Reading:
     touched: Touched | None  # None: everything was read again
     generation: HomeManagerGeneration | None = None  # read on full re-reads only
     manager_reloaded: bool = False  # what is on disk now is what the manager just loaded
+    packages: PackageIndex | None = None  # read on full re-reads only; None: no database
 
 
 class AuditState:
@@ -55,7 +57,10 @@ class AuditState:
         self._managed_roots = managed_roots
         self._generation = HomeManagerGeneration()
         self._baseline: Mapping[str, BaselineEntry] = {}
-        self._exp: Expectations | None = None  # built once per roots, generation and baseline
+        self._packages: PackageIndex | None = None
+        self._exp: Expectations | None = (
+            None  # built once per roots, generation, baseline, packages
+        )
         self._audit: IncrementalAudit | None = None
         # Each unit's definition hash when the manager last loaded it: the mtime-blind reference.
         self._loaded_hashes: dict[str, str] = {}
@@ -66,7 +71,9 @@ class AuditState:
     def expectations(self) -> Expectations:
         """What vouches for files right now."""
         if self._exp is None:
-            self._exp = expectations(self._managed_roots, self._generation, self._baseline)
+            self._exp = expectations(
+                self._managed_roots, self._generation, self._baseline, self._packages
+            )
         return self._exp
 
     @property
@@ -94,6 +101,8 @@ class AuditState:
         """Take in a re-read: judge what it touched (or everything) and diff the open findings."""
         if reading.generation is not None and reading.generation is not self._generation:
             self._generation, self._exp = reading.generation, None
+        if reading.touched is None and reading.packages is not self._packages:
+            self._packages, self._exp = reading.packages, None
         obs = self._with_loaded_hashes(reading)
         self.observation = obs
         exp = self.expectations

@@ -29,8 +29,12 @@ class UserDirs:
     runtime_dir: str
 
 
-def classify_dir(path: str, dirs: UserDirs) -> Tier:
-    """Name the tier of one UnitPath directory, as systemd's lookup-paths code lays them out."""
+def classify_dir(path: str, dirs: UserDirs, system_root: str = "/") -> Tier:
+    """Name the tier of one UnitPath directory, as systemd's lookup-paths code lays them out.
+
+    ``system_root`` is where a package manager installs (``dpkg --root``): its ``usr`` and
+    ``lib`` are vendor directories too.
+    """
     path = posixpath.normpath(path)
     runtime = posixpath.join(dirs.runtime_dir, "systemd")
     if path in (
@@ -50,12 +54,15 @@ def classify_dir(path: str, dirs: UserDirs) -> Tier:
         return Tier.DATA
     if path.endswith(("/etc/systemd/user", "/etc/xdg/systemd/user")):
         return Tier.ADMIN
-    if path.startswith(("/usr/", "/lib/")):
+    root = posixpath.normpath(system_root).rstrip("/")
+    if path.startswith(("/usr/", "/lib/", f"{root}/usr/", f"{root}/lib/")):
         return Tier.VENDOR
     return Tier.CUSTOM
 
 
-def build_unit_dirs(unit_path: Iterable[str], dirs: UserDirs) -> tuple[UnitDir, ...]:
+def build_unit_dirs(
+    unit_path: Iterable[str], dirs: UserDirs, system_root: str = "/"
+) -> tuple[UnitDir, ...]:
     """Turn the manager's UnitPath into tiered directories in priority order."""
     seen: set[str] = set()
     result: list[UnitDir] = []
@@ -63,8 +70,25 @@ def build_unit_dirs(unit_path: Iterable[str], dirs: UserDirs) -> tuple[UnitDir, 
         norm = posixpath.normpath(path)
         if norm not in seen:
             seen.add(norm)
-            result.append(UnitDir(norm, classify_dir(norm, dirs), len(result)))
+            result.append(UnitDir(norm, classify_dir(norm, dirs, system_root), len(result)))
     return tuple(result)
+
+
+def packaged_dirs(unit_dirs: Iterable[UnitDir], system_root: str = "/") -> tuple[str, ...]:
+    """The vendor directories a package database can speak for: under its root, not ``usr/local``.
+
+    Debian policy (9.1.2) keeps packages out of ``/usr/local``; the FHS gives it to the
+    administrator, so nothing there is a package's, and an "unowned" finding would be noise.
+    """
+    root = posixpath.normpath(system_root).rstrip("/")
+    local = f"{root}/usr/local/"
+    return tuple(
+        d.path
+        for d in unit_dirs
+        if d.tier is Tier.VENDOR
+        and d.path.startswith(f"{root}/")
+        and not (d.path + "/").startswith(local)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,14 @@
 """Who vouches for a file: the rules shared by the audit and ``provenanced show``.
 
 A file is vouched for by Home Manager's current generation, by a managed root (the store), or by
-the accepted baseline; anything else is nobody's, and the audit turns that into a finding.
+the accepted baseline; a file of the vendor tier, by the package that installed it when a package
+database is present. Anything else is nobody's, and the audit turns that into a finding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from provenanced.model import (
     BaselineEntry,
@@ -16,6 +18,7 @@ from provenanced.model import (
     FileKind,
     HomeManagerGeneration,
     Owner,
+    PackageIndex,
     frozen_map,
 )
 
@@ -26,14 +29,16 @@ def expectations(
     managed_roots: tuple[str, ...],
     generation: HomeManagerGeneration,
     baseline: Mapping[str, BaselineEntry],
+    packages: PackageIndex | None = None,
 ) -> Expectations:
-    """Everything that vouches for files, in one value: the roots, the generation, the baseline."""
+    """Everything that vouches for files, in one value: roots, generation, baseline, packages."""
     return Expectations(
         managed_roots=managed_roots,
         home_manager_generation=generation.path,
         home_manager_files=generation.home_files,
         home_manager_links=generation.links,
         baseline=frozen_map(baseline),
+        packages=packages,
     )
 
 
@@ -57,6 +62,9 @@ def home_manager_files_dir(target: str | None) -> str | None:
 
 def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = False) -> Owner:
     """Who vouches for a file being what it is now (``NONE`` when nobody does)."""
+    if exp.packages is not None and is_packaged(path, exp.packages):
+        intact = package_state(path, fact, exp.packages) == "intact"
+        return Owner.PACKAGE if intact else Owner.NONE
     if tier_is_system:
         return Owner.SYSTEM
     expected = exp.home_manager_links.get(path)
@@ -95,6 +103,11 @@ def in_linked_managed_dir(fact: FileFact, exp: Expectations) -> bool:
     return fact.kind is FileKind.FILE and is_under(fact.real_path, exp.managed_roots)
 
 
+def in_managed_root(fact: FileFact, exp: Expectations) -> bool:
+    """A file lying inside a managed root itself: a store file a generated unit names as source."""
+    return fact.kind is FileKind.FILE and is_under(fact.real_path or fact.path, exp.managed_roots)
+
+
 def matches_expected(fact: FileFact, expected: ExpectedLink) -> bool:
     """A link that reads as Home Manager's, or reaches the same store file another way."""
     # A link through an older generation's files resolves to the same store file but is orphaned.
@@ -115,3 +128,34 @@ def same_as_baseline(fact: FileFact, base: BaselineEntry) -> bool:
         return False  # content not read (too large, unreadable): nothing can vouch for it
     # No hash and no error: a name the manager never reads, so only its presence counts.
     return fact.sha256 is None or fact.sha256 == base.sha256
+
+
+PackageState = Literal["intact", "modified", "missing", "unowned"]
+
+
+def is_packaged(path: str, index: PackageIndex) -> bool:
+    """Whether ``path`` lies in a directory the package database speaks for (or one level down)."""
+    parent = path.rpartition("/")[0]
+    return parent in index.dirs or parent.rpartition("/")[0] in index.dirs
+
+
+def package_state(path: str, fact: FileFact, index: PackageIndex) -> PackageState:
+    """What the package database says of a file as it is now, the way ``dpkg --verify`` checks it.
+
+    A recorded checksum means the package installed a regular file: anything else there, or other
+    content, is a modification (dpkg src/main/verify.c, ``verify_file``). Without a checksum
+    (a symlink) the database vouches only for the path being the package's.
+    """
+    entry = index.files.get(path)
+    if entry is None:
+        return "unowned"
+    if fact.kind is FileKind.MISSING:
+        return "missing"
+    if not entry.digests:
+        return "intact"
+    if fact.kind is not FileKind.FILE:
+        return "modified"
+    if fact.sha256 is None and fact.error is None:
+        return "intact"  # a name the manager never reads: its content cannot matter
+    digest = fact.md5 if index.digest == "md5" else fact.sha256
+    return "intact" if digest in entry.digests else "modified"

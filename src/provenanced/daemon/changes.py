@@ -58,6 +58,14 @@ class WatchedPlaces:
     state_dir: str
     baseline_file: str
     gcroots_dir: str
+    packages_dir: str | None = None  # the package database's directory, when there is one
+    packages_files: frozenset[str] = frozenset()  # the entries whose change is a new database
+
+    @property
+    def extra_dirs(self) -> tuple[str, ...]:
+        """The directories to watch besides the unit directories."""
+        packages = (self.packages_dir,) if self.packages_dir is not None else ()
+        return (self.gcroots_dir, self.state_dir, *packages)
 
 
 def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change | None:
@@ -65,6 +73,11 @@ def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change |
     if isinstance(event, Overflow):
         return FullResync("inotify overflow", event.monotonic)
     if isinstance(event, WatchLimitReached):
+        return None
+    if places.packages_dir is not None and posixpath.dirname(event.path) == places.packages_dir:
+        # Locks, journals and backups come and go during a run; the database is new at its end.
+        if posixpath.basename(event.path) in places.packages_files:
+            return FullResync("package database changed", event.monotonic)
         return None
     if posixpath.dirname(event.path) == places.state_dir:
         if posixpath.basename(event.path) == places.baseline_file:

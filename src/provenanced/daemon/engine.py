@@ -17,6 +17,7 @@ import structlog
 
 from provenanced.config import Settings
 from provenanced.core.layered import LayeredMap
+from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.changes import (
@@ -33,6 +34,7 @@ from provenanced.daemon.observer import Observer, baseline_facts, user_dirs
 from provenanced.errors import ManagerCallError, ManagerUnreachableError, StateError
 from provenanced.expect import baseline
 from provenanced.expect.generation import GCROOT
+from provenanced.expect.packages import open_database
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import Overflow, UnitDirWatcher, WatchEvent, WatchLimitReached
 from provenanced.model import (
@@ -120,7 +122,15 @@ class Engine:
         self._reading = asyncio.Lock()
         self._baseline_stamp: tuple[int, int, int, int] | None = None
         gcroots = posixpath.dirname(posixpath.join(self.dirs.home, GCROOT))
-        self._places = WatchedPlaces(self.state_dir, baseline.BASELINE_FILE, gcroots)
+        provenance = settings.provenance
+        # Outlives connections, like the hash cache: it re-reads only the info files that changed.
+        self._packages = open_database(provenance.packages, provenance.package_root)
+        packages_dir, packages_files = (
+            self._packages.watched if self._packages is not None else (None, frozenset[str]())
+        )
+        self._places = WatchedPlaces(
+            self.state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files
+        )
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
@@ -148,10 +158,15 @@ class Engine:
     def follow_settings(self, settings: Settings) -> None:
         """Take a reloaded configuration's policy and provenance sections, and look again."""
         if settings.provenance != self.settings.provenance:
-            self.state.follow_roots(settings.provenance.managed_roots)
+            provenance = settings.provenance
+            self.state.follow_roots(provenance.managed_roots)
+            # Watched places stay as they were: a database added here is read at each resync.
+            self._packages = open_database(provenance.packages, provenance.package_root)
             if self._observer is not None:
-                self._observer.managed_roots = settings.provenance.managed_roots
-                self._observer.read_home_manager = settings.provenance.home_manager
+                self._observer.managed_roots = provenance.managed_roots
+                self._observer.read_home_manager = provenance.home_manager
+                self._observer.packages = self._packages
+                self._observer.system_root = provenance.package_root
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
@@ -204,7 +219,13 @@ class Engine:
                 await manager.subscribe(conn, self._on_signal)
                 provenance = self.settings.provenance
                 self._observer = Observer(
-                    conn, self.dirs, provenance.managed_roots, provenance.home_manager, self._reader
+                    conn,
+                    self.dirs,
+                    provenance.managed_roots,
+                    provenance.home_manager,
+                    self._reader,
+                    self._packages,
+                    provenance.package_root,
                 )
                 await self._reread([FullResync("connected", time.monotonic(), True)])
                 self.connected.set()
@@ -271,7 +292,12 @@ class Engine:
             return
         if self._watcher is not None:
             self._watcher.close()
-        self._watcher = UnitDirWatcher(roots, [self._places.gcroots_dir, self.state_dir])
+        # Generated units' sources: a change there re-reads the units whose SourcePath it is.
+        # The distribution's are vouched for by construction: watching /usr/share buys nothing.
+        sources = [
+            d for d in quadlet_source_dirs(self.dirs, os.getuid()) if not is_vendor_source(d)
+        ]
+        self._watcher = UnitDirWatcher(roots, [*self._places.extra_dirs, *sources])
         self._watcher.refresh()
         self._spawn(self._watch_files(self._watcher), "fs.watch")
 
@@ -305,8 +331,8 @@ class Engine:
             batch = [await self._changes.get()]
             while not self._changes.empty():
                 batch.append(self._changes.get_nowait())
-            if self._conn is None or self.state.observation is None:
-                continue  # the reconnect does a full resync anyway
+            if self._observer is None or self.state.observation is None:
+                continue  # not connected (or still subscribing): the connect's full resync follows
             started = min(
                 (c.monotonic for c in batch if not isinstance(c, BaselineChanged)), default=None
             )
@@ -328,10 +354,11 @@ class Engine:
 
     async def _reread(self, batch: Sequence[Change]) -> None:
         """Re-read what ``batch`` touched, update the state, and let alerts and actions follow."""
-        assert self._observer is not None
+        observer = self._observer
+        assert observer is not None, "re-read without a connection"
         started = time.monotonic()
         async with self._reading:
-            reading = await self._observer.read(batch, self.state.observation)
+            reading = await observer.read(batch, self.state.observation)
             full = reading.touched is None
             if full:
                 self._start_watching(reading.observation)

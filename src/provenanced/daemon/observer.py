@@ -6,24 +6,36 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
+import structlog
+
 from provenanced.core.index import PathIndex
 from provenanced.core.layered import LayeredSet, changed
+from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
-from provenanced.core.unitpath import AUDITED_TIERS, UserDirs, build_unit_dirs, locate
+from provenanced.core.unitpath import (
+    AUDITED_TIERS,
+    UserDirs,
+    build_unit_dirs,
+    locate,
+    packaged_dirs,
+)
+from provenanced.core.vouching import is_packaged
 from provenanced.daemon.changes import Change, FullResync, PathChanged, UnitChanged
 from provenanced.errors import ProvenancedError
 from provenanced.expect.generation import read_generation
-from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.expect.packages import PackageDatabase
+from provenanced.fs.facts import FactReader, Md5Reader, scan_unit_dir
 from provenanced.model import (
     UNIT_FILE_MAX,
     FileFact,
     FileKind,
     HomeManagerGeneration,
     Observation,
+    PackageIndex,
     UnitDir,
     UnitRecord,
     frozen_map,
@@ -31,6 +43,8 @@ from provenanced.model import (
 from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
 from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
+
+log = structlog.get_logger("provenanced.observer")
 
 
 def user_dirs(env: Mapping[str, str]) -> UserDirs:
@@ -50,10 +64,14 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def scan_files(unit_dirs: Iterable[UnitDir]) -> tuple[str, ...]:
-    """Every file in the audited tiers of the search path."""
+def scan_files(unit_dirs: Iterable[UnitDir], packaged: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every file in the audited tiers of the search path, and in the packaged directories."""
+    packaged = frozenset(packaged)
     return tuple(
-        path for d in unit_dirs if d.tier in AUDITED_TIERS for path in scan_unit_dir(d.path)
+        path
+        for d in unit_dirs
+        if d.tier in AUDITED_TIERS or d.path in packaged
+        for path in scan_unit_dir(d.path)
     )
 
 
@@ -103,30 +121,73 @@ class Observer:
     managed_roots: tuple[str, ...]
     read_home_manager: bool = True
     reader: FactReader = field(default_factory=FactReader)
+    packages: PackageDatabase | None = None
+    system_root: str = "/"  # where the package database's vendor directories live
+    md5: Md5Reader = field(default_factory=Md5Reader)
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
+    _package_index: PackageIndex | None = None
+    _package_key: object = None  # the database stamp and directories the index was read for
     _index: PathIndex = field(default_factory=PathIndex)
     _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
 
     async def unit_dirs(self) -> tuple[UnitDir, ...]:
         """The manager's UnitPath as tiered directories."""
-        return build_unit_dirs(await manager.unit_path(self.conn), self.dirs)
+        return build_unit_dirs(await manager.unit_path(self.conn), self.dirs, self.system_root)
+
+    @property
+    def package_index(self) -> PackageIndex | None:
+        """What the package database said at the last full observation (None: no database)."""
+        return self._package_index
+
+    def read_packages(
+        self, unit_dirs: Sequence[UnitDir], keep: bool = False
+    ) -> PackageIndex | None:
+        """The package index of the vendor directories, read again only when the database changed.
+
+        ``keep``: the index read last stays while it covers the same directories (mid-run).
+        """
+        if self.packages is None:
+            self._package_index = self._package_key = None
+            return None
+        dirs = packaged_dirs(unit_dirs, self.system_root)
+        index = self._package_index
+        if keep and index is not None and index.dirs == frozenset(dirs):
+            return index
+        key = (self.packages.stamp(), dirs)
+        if key == self._package_key:
+            return index
+        try:
+            index = self.packages.index(dirs)
+        except OSError as exc:
+            # Without its database the vendor tier is judged as before: trusted as shipped.
+            log.warning("packages.unreadable", database=self.packages.name, error=str(exc))
+            index = None
+        self._package_key, self._package_index = key, index
+        return index
 
     async def observe(
-        self, patterns: Sequence[str] = (), load: Sequence[str] = ()
+        self, patterns: Sequence[str] = (), load: Sequence[str] = (), keep_packages: bool = False
     ) -> tuple[Observation, HomeManagerGeneration]:
         """A full observation: every loaded unit, every audited file, Home Manager's links.
 
-        The generation read last time is kept while the gcroot still leads to it.
+        The generation read last time is kept while the gcroot still leads to it, and so is the
+        package index while the database is unchanged (or while ``keep_packages``).
         """
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
             self._generation = await asyncio.to_thread(
-                read_generation, self.dirs.home, unit_dirs, self.reader, self._generation
+                read_generation,
+                self.dirs.home,
+                unit_dirs,
+                self.reader,
+                self._generation,
+                quadlet_source_dirs(self.dirs, os.getuid()),
             )
         else:
             self._generation = HomeManagerGeneration()
         generation = self._generation
-        scanned = scan_files(unit_dirs)
+        packages = self.read_packages(unit_dirs, keep=keep_packages)
+        scanned = scan_files(unit_dirs, packages.dirs if packages is not None else ())
         # Only units the manager holds already are read: loading one makes it read the files,
         # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
@@ -138,7 +199,8 @@ class Observer:
         records = await manager.get_unit_records(
             self.conn, [n for n in names if matches(n, patterns)]
         )
-        facts = await self.read_facts(records.values(), scanned, generation.links)
+        packaged = packages.files if packages is not None else ()
+        facts = await self.read_facts(records.values(), scanned, (*generation.links, *packaged))
         obs = Observation(
             units=frozen_map(records),
             facts=frozen_map(facts),
@@ -149,18 +211,40 @@ class Observer:
         return obs, generation
 
     async def read(self, batch: Sequence[Change], since: Observation | None) -> Reading:
-        """Re-read what ``batch`` touched since ``since``; everything when it asks for that."""
+        """Re-read what ``batch`` touched since ``since``; everything when it asks for that.
+
+        While the package manager is mid-run, the packaged directories stay as ``since`` saw
+        them: the end of the run (a watched event) brings the full resync that reads them.
+        """
         full = [c for c in batch if isinstance(c, FullResync)]
+        held = self._held_packages(since)
         if since is not None and not full:
             try:
-                return await self._read_touched(batch, since)
+                reading = await self._read_touched(batch, since)
             except _UnitDirChanged:
                 pass
-        obs, generation = await self.observe()
+            else:
+                if held is None:
+                    return reading
+                return replace(reading, observation=_as_before(reading.observation, since, held))
+        obs, generation = await self.observe(keep_packages=held is not None)
+        if held is not None and since is not None and self._package_index is held:
+            obs = _as_before(obs, since, held)
         self._index, self._indexed = PathIndex.build(obs.units.values()), obs.units
         return Reading(
-            obs, None, generation, manager_reloaded=any(c.manager_reloaded for c in full)
+            obs,
+            None,
+            generation,
+            manager_reloaded=any(c.manager_reloaded for c in full),
+            packages=self._package_index,
         )
+
+    def _held_packages(self, since: Observation | None) -> PackageIndex | None:
+        """The package index to hold on to while the package manager is mid-run, if it is."""
+        index = self._package_index
+        if since is None or index is None or self.packages is None or not self.packages.busy():
+            return None
+        return index
 
     async def _read_touched(self, batch: Sequence[Change], since: Observation) -> Reading:
         # Only what changed is built anew: the maps and the scan of ``since`` are layered over,
@@ -182,15 +266,18 @@ class Observer:
                 inside = {p for p in obs.scanned_files if p.startswith(change.path + "/")}
                 paths |= inside
                 unscanned |= inside
-        facts = await self.read_paths(paths)
+        facts = await self.read_paths(paths, self._sources_among(paths, obs.units))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
         affected = {name for name, gone in last.items() if not gone}
+        packaged = self._package_index.dirs if self._package_index is not None else frozenset()
         for path in paths:
             loc = locate(path, dirs)
             fact = facts[path]
-            if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+            if loc is not None and (
+                loc.unit_dir.tier in AUDITED_TIERS or loc.unit_dir.path in packaged
+            ):
                 if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
                     rescanned.add(path)
                     unscanned.discard(path)
@@ -204,7 +291,7 @@ class Observer:
         records = await manager.get_unit_records(self.conn, sorted(affected))
         facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
-        paths.update(p for record in records.values() for p in record.definition_paths)
+        paths.update(p for record in records.values() for p in _own_paths(record))
         for name in dropped | affected:
             old = obs.units.get(name)
             if old is not None:
@@ -220,18 +307,62 @@ class Observer:
         self._indexed = obs.units
         return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
 
+    def _sources_among(self, paths: Iterable[str], units: Mapping[str, UnitRecord]) -> set[str]:
+        """Which of ``paths`` a loaded unit was generated from, found through the index: a
+        change does not collect every unit's source."""
+        return {
+            path
+            for path in paths
+            for name in self._index.by_path.get(path, ())
+            if (unit := units.get(name)) is not None and unit.source_path == path
+        }
+
     async def read_facts(
         self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
     ) -> dict[str, FileFact]:
         """Facts for every path the audit may look at."""
         paths = {*scanned, *expected}
+        sources = set()
         for record in records:
-            paths.update(record.definition_paths)
-        return await self.read_paths(paths)
+            paths.update(_own_paths(record))
+            sources.add(record.source_path)
+        return await self.read_paths(paths, sources)
 
-    async def read_paths(self, paths: Iterable[str]) -> dict[str, FileFact]:
-        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop."""
-        return await asyncio.to_thread(self.reader.read_many, sorted(paths))
+    async def read_paths(
+        self, paths: Iterable[str], sources: Collection[str] = ()
+    ) -> dict[str, FileFact]:
+        """Facts for ``paths``, read in a worker thread: hashing never stalls the event loop.
+
+        ``sources`` are generated units' sources, hashed although not named like units.
+        """
+        return await asyncio.to_thread(self._read, sorted(paths), sources)
+
+    def _read(self, paths: Iterable[str], sources: Collection[str]) -> dict[str, FileFact]:
+        """Facts, with the MD5 a package database checks where it has one for the file."""
+        facts = self.reader.read_many(paths, sources)
+        index = self._package_index
+        if index is None or index.digest != "md5":
+            return facts
+        for path, fact in facts.items():
+            entry = index.files.get(path)
+            # No sha256 either: a name the manager never reads, or content that was not read.
+            if entry is not None and entry.digests and fact.sha256 is not None:
+                facts[path] = replace(fact, md5=self.md5.read(path))
+        return facts
+
+
+def _as_before(obs: Observation, since: Observation, index: PackageIndex) -> Observation:
+    """``obs`` with the files of the packaged directories as ``since`` saw them."""
+    facts = {p: f for p, f in obs.facts.items() if not is_packaged(p, index)}
+    facts.update((p, f) for p, f in since.facts.items() if is_packaged(p, index))
+    scanned = {p for p in obs.scanned_files if not is_packaged(p, index)}
+    scanned.update(p for p in since.scanned_files if is_packaged(p, index))
+    return replace(obs, facts=frozen_map(facts), scanned_files=frozenset(scanned))
+
+
+def _own_paths(record: UnitRecord) -> tuple[str, ...]:
+    """The files a unit is made of: its definition files and the source it was generated from."""
+    return (*record.definition_paths, *filter(None, [record.source_path]))
 
 
 def _layered(scan: AbstractSet[str]) -> LayeredSet[str]:
@@ -239,11 +370,12 @@ def _layered(scan: AbstractSet[str]) -> LayeredSet[str]:
 
 
 def baseline_facts(obs: Observation) -> list[FileFact]:
-    """The facts a new baseline records: every existing file in an audited tier."""
+    """The facts a new baseline records: every existing file in an audited tier, and every source."""
     by_path = {d.path: d for d in obs.unit_dirs}
+    sources = {u.source_path for u in obs.units.values()}
     result = []
     for path, fact in obs.facts.items():
         loc = locate(path, by_path)
-        if loc is not None and loc.unit_dir.tier in AUDITED_TIERS:
+        if path in sources or (loc is not None and loc.unit_dir.tier in AUDITED_TIERS):
             result.append(fact)
     return result

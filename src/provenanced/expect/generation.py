@@ -17,8 +17,11 @@ def read_generation(
     unit_dirs: Sequence[UnitDir],
     reader: FactReader,
     previous: HomeManagerGeneration | None = None,
+    source_dirs: Sequence[str] = (),
 ) -> HomeManagerGeneration:
     """Follow the ``current-home`` gcroot and list what the generation links into unit dirs.
+
+    ``source_dirs`` are listed too: generated units' sources (quadlet files) it may link.
 
     ``previous`` is returned as it is when the gcroot still leads to it: a store path never
     changes, so neither do the links it holds nor their content.
@@ -30,7 +33,7 @@ def read_generation(
         home_files = os.path.realpath(posixpath.join(generation, "home-files"), strict=True)
     except OSError:
         return HomeManagerGeneration()
-    dirs = tuple(d.path for d in unit_dirs)
+    dirs = (*(d.path for d in unit_dirs), *source_dirs)
     if previous is not None and (previous.path, previous.home_files, previous.unit_dirs) == (
         generation,
         home_files,
@@ -38,13 +41,13 @@ def read_generation(
     ):
         return previous
     links: dict[str, ExpectedLink] = {}
-    for unit_dir in unit_dirs:
-        relative = posixpath.relpath(unit_dir.path, home)
+    for directory in dirs:
+        relative = posixpath.relpath(directory, home)
         if relative.startswith(".."):
             continue
         for source in _walk_files(posixpath.join(home_files, relative)):
             path = posixpath.join(home, posixpath.relpath(source, home_files))
-            fact = reader.read(source)
+            fact = reader.read(source, source=directory in source_dirs)
             links[path] = ExpectedLink(path, source, fact.resolved or None, fact.sha256)
     return HomeManagerGeneration(generation, home_files, frozen_map(links), dirs)
 

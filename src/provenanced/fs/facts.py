@@ -7,7 +7,7 @@ import hashlib
 import os
 import posixpath
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import replace
 
 from provenanced.model import UNIT_FILE_MAX, FileFact, FileKind
@@ -25,15 +25,19 @@ _HashKey = tuple[int, int, int, int, int]
 class FactReader:
     """Reads ``FileFact``s, caching content hashes by inode identity so unchanged files hash once.
 
-    Only what the manager could read as a unit file or drop-in is hashed, and at most
-    ``UNIT_FILE_MAX`` bytes of it: a larger file is a fact with ``error`` saying so.
+    Only what the manager could read as a unit file or drop-in (or a generator as a unit's
+    source) is hashed, and at most ``UNIT_FILE_MAX`` bytes of it: a larger file is a fact with
+    ``error`` saying so.
     """
 
     def __init__(self) -> None:
         self._hashes: dict[str, tuple[_HashKey, str]] = {}
 
-    def read(self, path: str) -> FileFact:
-        """What ``path`` is now; errors become a fact with ``error`` set, never an exception."""
+    def read(self, path: str, source: bool = False) -> FileFact:
+        """What ``path`` is now; errors become a fact with ``error`` set, never an exception.
+
+        ``source``: a generated unit's source (a ``.container`` file), hashed whatever its name.
+        """
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -43,20 +47,20 @@ class FactReader:
         except OSError as exc:
             return FileFact(path, FileKind.MISSING, error=_describe(exc))
         if stat.S_ISLNK(st.st_mode):
-            return self._read_link(path, st)
+            return self._read_link(path, st, source)
         if stat.S_ISREG(st.st_mode):
-            sha, error = self._hash(path, path, st)
+            sha, error = self._hash(path, path, st, source)
             fact = _fact(path, FileKind.FILE, st, st, sha=sha, error=error)
             real = _real_path(path)
             return fact if real is None else replace(fact, real_path=real)
         kind = FileKind.DIRECTORY if stat.S_ISDIR(st.st_mode) else FileKind.OTHER
         return _fact(path, kind, st, st)
 
-    def read_many(self, paths: Iterable[str]) -> dict[str, FileFact]:
-        """Facts for many paths, keyed by path."""
-        return {path: self.read(path) for path in paths}
+    def read_many(self, paths: Iterable[str], sources: Collection[str] = ()) -> dict[str, FileFact]:
+        """Facts for many paths, keyed by path (``sources``: those to hash as unit sources)."""
+        return {path: self.read(path, path in sources) for path in paths}
 
-    def _read_link(self, path: str, st: os.stat_result) -> FileFact:
+    def _read_link(self, path: str, st: os.stat_result, source: bool) -> FileFact:
         try:
             target = os.readlink(path)
         except OSError as exc:
@@ -69,7 +73,7 @@ class FactReader:
             return _fact(path, FileKind.SYMLINK, st, None, target=target, error=error)
         sha, error = (None, None)
         if stat.S_ISREG(target_st.st_mode):
-            sha, error = self._hash(path, resolved, target_st)
+            sha, error = self._hash(path, resolved, target_st, source)
         return _fact(
             path,
             FileKind.SYMLINK,
@@ -81,9 +85,11 @@ class FactReader:
             error=error,
         )
 
-    def _hash(self, name: str, path: str, st: os.stat_result) -> tuple[str | None, str | None]:
+    def _hash(
+        self, name: str, path: str, st: os.stat_result, source: bool
+    ) -> tuple[str | None, str | None]:
         """The content hash of ``path`` (``name`` is the path as found, a link's own)."""
-        if not could_define_unit(name):
+        if not source and not could_define_unit(name):
             return None, None  # the manager never reads it, so its content cannot matter
         if st.st_size > UNIT_FILE_MAX:
             return None, f"too large to hash ({st.st_size} bytes > {UNIT_FILE_MAX})"
@@ -199,3 +205,42 @@ def scan_unit_dir(directory: str) -> Iterator[str]:
                 continue
         elif not entry.is_dir(follow_symlinks=False):
             yield entry.path
+
+
+class Md5Reader:
+    """MD5s of regular files, what dpkg records per file; cached by identity like the sha256s.
+
+    Apart from ``FactReader`` on purpose: only the files a package database checks pay for it.
+    At most ``UNIT_FILE_MAX`` bytes are read, as for the sha256s: a larger file has no MD5.
+    """
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, tuple[_HashKey, str]] = {}
+
+    def read(self, path: str) -> str | None:
+        """The MD5 of the regular file at ``path``; None for a link, a non-file or an error."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            cached = self._hashes.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            digest = hashlib.md5(usedforsecurity=False)
+            left = UNIT_FILE_MAX + 1
+            while left and (chunk := os.read(fd, min(_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if not left:
+            return None  # over the cap: what the manager would refuse to read is no unit file
+        self._hashes[path] = (key, digest.hexdigest())
+        return digest.hexdigest()

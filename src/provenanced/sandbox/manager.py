@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +41,7 @@ from provenanced.sandbox.homemanager import (
     build_generation,
     example_units,
 )
+from provenanced.sandbox.quadlet import install_generator
 
 # --- the sandboxed manager -------------------------------------------------------------------
 
@@ -55,6 +56,7 @@ class Sandbox:
         keep: bool = False,
         timeout: float = 30.0,
         systemd_binary: Path = SYSTEMD_BINARY,
+        unit_dirs: Sequence[Path] = (),
     ) -> None:
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="provenanced-sandbox-")) if root is None else root
@@ -62,11 +64,17 @@ class Sandbox:
         self.keep = keep
         self.timeout = timeout
         self.systemd_binary = systemd_binary
+        # More search-path directories, after the admin tier (a vendor tier of a package root).
+        self.unit_dirs = tuple(unit_dirs)
         self.home = self.root / "home"
         self.runtime_dir = self.root / "run"
         self.admin_dir = self.root / "etc/systemd/user"
         self.store = self.root / "nix/store"
         self.config_dir = self.home / ".config/systemd/user"
+        # The manager runs generators from here only (SYSTEMD_GENERATOR_PATH), none of the host's.
+        self.generator_dir = self.root / "lib/systemd/user-generators"
+        # Plain quadlet's first source directory ($XDG_CONFIG_HOME/containers/systemd).
+        self.quadlet_dir = self.home / ".config/containers/systemd"
         self.state_dir = self.root / "state"
         self.manager_log = self.root / "manager.log"
         self.generation: Generation | None = None
@@ -131,8 +139,9 @@ class Sandbox:
             PATH=SYSTEM_PATH,
             USER=user,
             LOGNAME=user,
-            # The trailing colon prepends admin_dir to the default path instead of replacing it.
-            SYSTEMD_UNIT_PATH=f"{self.admin_dir}:",
+            # The trailing colon prepends these to the default path instead of replacing it.
+            SYSTEMD_UNIT_PATH=":".join(map(str, (self.admin_dir, *self.unit_dirs))) + ":",
+            SYSTEMD_GENERATOR_PATH=str(self.generator_dir),
             # Console, i.e. manager.log, so a failed boot can show why.
             SYSTEMD_LOG_TARGET="console",
         )
@@ -175,7 +184,14 @@ class Sandbox:
 
     def _make_dirs(self) -> None:
         """Create the sandbox tree; the runtime dir must be 0700 like a real one."""
-        for path in (self.home, self.admin_dir, self.store, self.config_dir, self.state_dir):
+        for path in (
+            self.home,
+            self.admin_dir,
+            self.store,
+            self.config_dir,
+            self.state_dir,
+            self.generator_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runtime_dir.chmod(0o700)
@@ -357,6 +373,10 @@ class Sandbox:
         if self.running:
             self.daemon_reload()
         return gen
+
+    def install_quadlet(self) -> Path:
+        """Put the quadlet stand-in among the manager's generators (effective at the next reload)."""
+        return install_generator(self.generator_dir)
 
 
 def boot(root: Path | None = None, keep: bool = False) -> Sandbox:

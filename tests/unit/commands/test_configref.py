@@ -24,6 +24,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "manager.reconnect_max_delay": ("5", 5.0),
     "provenance.managed_roots": ('["/gnu/store"]', ("/gnu/store",)),
     "provenance.home_manager": ("false", False),
+    "provenance.packages": ("none", "none"),
+    "provenance.package_root": ("/srv/chroot/", "/srv/chroot"),
     "policy.need_daemon_reload": ("flag", "flag"),
     "policy.quiet_window": ("0.5", 0.5),
     "policy.defer_while_active": ('["x-*.service"]', ("x-*.service",)),

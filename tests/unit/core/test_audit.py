@@ -18,6 +18,8 @@ from provenanced.model import (
     FindingKind,
     Observation,
     Owner,
+    PackagedFile,
+    PackageIndex,
     Tier,
     UnitDir,
     UnitRecord,
@@ -443,6 +445,159 @@ class TestAuditUnits:
         assert kinds(obs) == {(K.SHADOWED, "web.service", admin)}
 
 
+DBUS = f"{VENDOR}/dbus.service"
+DBUS_LINK = f"{VENDOR}/sockets.target.wants/dbus.socket"
+PACKAGES = PackageIndex(
+    "dpkg",
+    "md5",
+    frozenset({VENDOR}),
+    frozen_map(
+        {
+            DBUS: PackagedFile(DBUS, ("dbus-user-session",), frozenset({"m-dbus"})),
+            DBUS_LINK: PackagedFile(DBUS_LINK, ("dbus-user-session",)),
+        }
+    ),
+    frozen_map({f"{VENDOR}/local.service": "/usr/lib/systemd/user/local.service.distrib"}),
+)
+WITH_PACKAGES = replace(EXPECT, packages=PACKAGES)
+
+
+def vendor_file(path: str, md5: str | None = "m-dbus", **kw: object) -> FileFact:
+    fact = regular(path, uid=0, **kw)  # type: ignore[arg-type]
+    return replace(fact, md5=md5)
+
+
+def vendor_obs(*facts: FileFact) -> Observation:
+    """The clean Home Manager tree plus vendor files, scanned as the observer scans them."""
+    base = {
+        DBUS: vendor_file(DBUS),
+        DBUS_LINK: link(DBUS_LINK, "../dbus.socket", f"{VENDOR}/dbus.socket"),
+    }
+    base.update({f.path: f for f in facts})
+    return observe(
+        base, scanned=tuple(p for p, f in base.items() if f.kind is not FileKind.MISSING)
+    )
+
+
+class TestAuditPackages:
+    def test_files_as_their_packages_installed_them_are_clean(self) -> None:
+        """A file with its package's MD5, and a packaged link (no MD5 recorded), are not drift."""
+        assert audit(vendor_obs(), WITH_PACKAGES) == ()
+
+    def test_modified_content_names_the_package_and_both_digests(self) -> None:
+        """Other content than the package's is package-modified, critical, naming the package."""
+        (finding,) = audit(vendor_obs(vendor_file(DBUS, md5="m-edited")), WITH_PACKAGES)
+        assert finding.key == (K.PACKAGE_MODIFIED, "dbus.service", DBUS)
+        assert finding.severity == "critical"
+        assert finding.detail == (
+            "differs from the file package dbus-user-session installed "
+            "(md5 m-edited, dpkg recorded m-dbus)"
+        )
+
+    @pytest.mark.parametrize(
+        ("fact", "detail"),
+        [
+            pytest.param(
+                link(DBUS, "/etc/x.service", "/etc/x.service"),
+                "a symlink to /etc/x.service where package dbus-user-session installed a "
+                "regular file (dpkg)",
+                id="replaced-by-a-link",
+            ),
+            pytest.param(
+                FileFact(DBUS, FileKind.MISSING),
+                "missing: package dbus-user-session installed it (dpkg)",
+                id="missing",
+            ),
+        ],
+    )
+    def test_a_packaged_regular_file_that_is_no_longer_one(
+        self, fact: FileFact, detail: str
+    ) -> None:
+        """A recorded MD5 means a regular file: a link there, or nothing, is a modification."""
+        (finding,) = audit(vendor_obs(fact), WITH_PACKAGES)
+        assert (finding.kind, finding.detail) == (K.PACKAGE_MODIFIED, detail)
+
+    def test_a_packaged_name_the_manager_never_reads_is_vouched_by_ownership(self) -> None:
+        """No hash was taken (not a unit name): its content cannot matter, its owner vouches."""
+        index = replace(
+            PACKAGES,
+            files=frozen_map(
+                {
+                    **PACKAGES.files,
+                    f"{VENDOR}/README": PackagedFile(f"{VENDOR}/README", ("x",), frozenset({"m"})),
+                }
+            ),
+        )
+        readme = replace(vendor_file(f"{VENDOR}/README", md5=None), sha256=None)
+        assert audit(vendor_obs(readme), replace(EXPECT, packages=index)) == ()
+
+    def test_a_packaged_file_too_large_to_read_is_not_vouched_for(self) -> None:
+        """Content not read (over the cap) cannot match the package's checksum; the detail says why."""
+        big = replace(vendor_file(DBUS, md5=None), sha256=None, error="too large to hash")
+        (finding,) = audit(vendor_obs(big), WITH_PACKAGES)
+        assert finding.kind is K.PACKAGE_MODIFIED
+        assert "(md5 unreadable: too large to hash, dpkg recorded m-dbus)" in finding.detail
+
+    def test_a_file_no_package_owns_is_unowned(self) -> None:
+        """A file the database does not list is package-unowned, a warning."""
+        stray = f"{VENDOR}/stray.service"
+        (finding,) = audit(vendor_obs(vendor_file(stray, md5=None)), WITH_PACKAGES)
+        assert (finding.key, finding.severity) == (
+            (K.PACKAGE_UNOWNED, "stray.service", stray),
+            "warning",
+        )
+        assert finding.detail == "no package owns this vendor-tier file (not in the dpkg database)"
+
+    def test_an_unowned_file_in_place_of_a_diverted_one_says_where_that_went(self) -> None:
+        """A diversion moved the packaged file away: the unowned one names the new place."""
+        local = f"{VENDOR}/local.service"
+        (finding,) = audit(vendor_obs(vendor_file(local, md5=None)), WITH_PACKAGES)
+        assert finding.detail.endswith(
+            "; it diverts the packaged file to /usr/lib/systemd/user/local.service.distrib"
+        )
+
+    def test_a_group_writable_vendor_file_is_unsafe_as_well(self) -> None:
+        """Ownership and mode rules still apply to packaged files (root-owned is fine there)."""
+        found = kinds(vendor_obs(vendor_file(DBUS, mode=0o664)), WITH_PACKAGES)
+        assert found == {(K.UNSAFE_MODE, "dbus.service", DBUS)}
+
+    def test_without_a_database_the_vendor_tier_is_trusted_as_before(self) -> None:
+        """No package index: an edited or stray vendor file is not judged at all."""
+        obs = vendor_obs(vendor_file(DBUS, md5="m-edited"), vendor_file(f"{VENDOR}/x.service"))
+        assert audit(obs, EXPECT) == ()
+
+    def test_a_vendor_directory_the_index_does_not_cover_is_trusted(self) -> None:
+        """Only the index's directories are judged (never /usr/local, which no package owns)."""
+        uncovered = replace(PACKAGES, dirs=frozenset())
+        obs = vendor_obs(vendor_file(f"{VENDOR}/x.service", md5=None))
+        assert audit(obs, replace(EXPECT, packages=uncovered)) == ()
+
+    def test_a_sha256_database_compares_the_sha256(self) -> None:
+        """A database that records SHA-256 is checked against the fact's own hash, no MD5 needed."""
+        index = replace(
+            PACKAGES,
+            digest="sha256",
+            files=frozen_map({DBUS: PackagedFile(DBUS, ("dbus",), frozenset({"s-dbus"}))}),
+        )
+        exp = replace(EXPECT, packages=index)
+        obs = vendor_obs(vendor_file(DBUS, md5=None, sha="s-dbus"))
+        assert {f.kind for f in audit(obs, exp)} == {K.PACKAGE_UNOWNED}  # only the link
+
+    def test_show_names_the_package_in_the_owner_column(self) -> None:
+        """show's owner is ``package:<name>`` when intact, and names the package when not."""
+        unit = UnitRecord("dbus.service", fragment_path=DBUS, dropin_paths=(DBUS_LINK,))
+        intact = provenance_of(unit, vendor_obs(), WITH_PACKAGES)
+        assert intact.fragment is not None
+        assert (intact.fragment.owner, intact.fragment.owner_label) == (
+            Owner.PACKAGE,
+            "package:dbus-user-session",
+        )
+        edited = provenance_of(unit, vendor_obs(vendor_file(DBUS, md5="m-x")), WITH_PACKAGES)
+        assert edited.fragment is not None
+        assert edited.fragment.owner_label == "none (dbus-user-session, modified)"
+        assert edited.to_json()["fragment"]["package"] == "dbus-user-session"  # type: ignore[index]
+
+
 class TestDescribe:
     def test_describe_names_owner_and_tier(self) -> None:
         """show's rows carry tier, kind, target and who vouches for each file."""
@@ -456,6 +611,7 @@ class TestDescribe:
             "kind": "symlink",
             "target": WEB_TARGET,
             "owner": "home-manager",
+            "package": None,
             "sha256": "s-web",
         }
         assert [(d["tier"], d["owner"]) for d in shown["dropins"]] == [  # type: ignore[attr-defined]

@@ -15,6 +15,8 @@ from provenanced.model import (
     FindingKind,
     HomeManagerGeneration,
     Observation,
+    PackagedFile,
+    PackageIndex,
     ServiceResult,
     Tier,
     UnitDir,
@@ -157,6 +159,31 @@ class TestExpectations:
         state.follow_roots(("/gnu/store",))
         assert state.expectations.managed_roots == ("/gnu/store",)
         assert state.expectations.home_manager_files is None
+
+    def test_the_expectations_follow_the_package_index_of_full_readings(self) -> None:
+        """A new package database is judged against at the next full reading, not before."""
+        vendor = "/usr/lib/systemd/user"
+        unit = f"{vendor}/dbus.service"
+        dirs = (*DIRS, UnitDir(vendor, Tier.VENDOR, 1))
+        obs = replace(
+            observation(managed_link(), replace(regular(unit, "s-dbus"), md5="m-edited")),
+            unit_dirs=dirs,
+        )
+        index = PackageIndex(
+            "dpkg",
+            "md5",
+            frozenset({vendor}),
+            frozen_map({unit: PackagedFile(unit, ("dbus",), frozenset({"m-dbus"}))}),
+        )
+        state = AuditState(ROOTS)
+        state.update(full(obs), now=1.0)
+        assert not state.has_open(K.PACKAGE_MODIFIED)
+        partial = Reading(obs, Touched(frozenset({unit})), packages=index)
+        state.update(partial, now=2.0)
+        assert state.expectations.packages is None
+        state.update(replace(full(obs), packages=index), now=3.0)
+        assert state.expectations.packages is index
+        assert state.has_open(K.PACKAGE_MODIFIED)
 
 
 class TestJobs:

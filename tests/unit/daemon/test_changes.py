@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from provenanced.daemon.changes import (
@@ -97,6 +99,27 @@ class TestChangeForWatchEvent:
         assert change_for_watch_event(event, PLACES) == FullResync(
             "home manager generation changed", 4.0
         )
+
+    @pytest.mark.parametrize("name", ["status", "diversions", "lock"])
+    def test_the_end_of_a_package_run_is_a_full_resync(self, name: str) -> None:
+        """A rewritten status or diversions, or the lock's last close, is a new package database."""
+        places = replace(PLACES, packages_dir="/var/lib/dpkg", packages_files=frozenset({name}))
+        event = PathChanged(f"/var/lib/dpkg/{name}", False, 6.0)
+        assert change_for_watch_event(event, places) == FullResync("package database changed", 6.0)
+
+    @pytest.mark.parametrize("name", ["status-new", "lock-frontend", "updates"])
+    def test_files_a_package_run_passes_through_are_ignored(self, name: str) -> None:
+        """Temporary files and the update journal come and go while a run is under way."""
+        places = replace(PLACES, packages_dir="/var/lib/dpkg", packages_files=frozenset({"status"}))
+        assert (
+            change_for_watch_event(PathChanged(f"/var/lib/dpkg/{name}", False, 1.0), places) is None
+        )
+
+    def test_the_package_database_directory_is_watched_only_when_there_is_one(self) -> None:
+        """Without a package database only the generation and the state are watched besides."""
+        assert PLACES.extra_dirs == (PLACES.gcroots_dir, PLACES.state_dir)
+        places = replace(PLACES, packages_dir="/var/lib/dpkg")
+        assert places.extra_dirs == (PLACES.gcroots_dir, PLACES.state_dir, "/var/lib/dpkg")
 
     def test_a_unit_directory_path_is_passed_on_as_it_is(self) -> None:
         """A change under a unit directory is re-read by path."""

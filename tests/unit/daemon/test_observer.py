@@ -6,13 +6,23 @@ import os
 from pathlib import Path
 
 from provenanced.daemon.observer import (
+    _as_before,
     _definition_candidates,
     baseline_facts,
     matches,
     scan_files,
     user_dirs,
 )
-from provenanced.model import FileFact, FileKind, Observation, Tier, UnitDir, frozen_map
+from provenanced.model import (
+    FileFact,
+    FileKind,
+    Observation,
+    PackageIndex,
+    Tier,
+    UnitDir,
+    UnitRecord,
+    frozen_map,
+)
 
 
 def tree(tmp_path: Path) -> tuple[UnitDir, ...]:
@@ -65,6 +75,12 @@ class TestScanFiles:
             str(config / "tpl@.service"),
         }
 
+    def test_scans_the_packaged_vendor_directories_too(self, tmp_path: Path) -> None:
+        """A vendor directory a package database speaks for is scanned for its files."""
+        dirs = tree(tmp_path)
+        vendor = str(tmp_path / "vendor")
+        assert str(tmp_path / "vendor" / "dbus.service") in scan_files(dirs, packaged=[vendor])
+
 
 class TestDefinitionCandidates:
     def test_names_every_file_the_manager_would_read_for_a_unit(self, tmp_path: Path) -> None:
@@ -84,6 +100,31 @@ class TestDefinitionCandidates:
         )
 
 
+class TestAsBefore:
+    def test_keeps_the_packaged_files_as_they_were_and_takes_the_rest(self) -> None:
+        """Mid-run, the packaged directory is what the last look saw; other directories are new."""
+        vendor, config = "/usr/lib/systemd/user", "/home/u/.config/systemd/user"
+        dirs = (UnitDir(config, Tier.CONFIG, 0), UnitDir(vendor, Tier.VENDOR, 1))
+        index = PackageIndex("dpkg", "md5", frozenset({vendor}))
+
+        def look(*facts: FileFact) -> Observation:
+            return Observation(
+                units=frozen_map(),
+                facts=frozen_map({f.path: f for f in facts}),
+                unit_dirs=dirs,
+                uid=0,
+                scanned_files=frozenset(f.path for f in facts),
+            )
+
+        old_unit = FileFact(f"{vendor}/a.service", FileKind.FILE, sha256="old")
+        new_unit = FileFact(f"{vendor}/a.service", FileKind.FILE, sha256="new")
+        unpacked = FileFact(f"{vendor}/a.service.dpkg-tmp", FileKind.FILE, sha256="old")
+        mine = FileFact(f"{config}/b.service", FileKind.FILE, sha256="mine")
+        kept = _as_before(look(new_unit, unpacked, mine), look(old_unit), index)
+        assert dict(kept.facts) == {old_unit.path: old_unit, mine.path: mine}
+        assert kept.scanned_files == {old_unit.path, mine.path}
+
+
 class TestBaselineFacts:
     def test_records_files_of_the_audited_tiers_only(self, tmp_path: Path) -> None:
         """A first baseline records the user's files, never vendor or unrelated paths."""
@@ -93,3 +134,14 @@ class TestBaselineFacts:
         facts = {p: FileFact(p, FileKind.FILE, sha256="s") for p in (mine, vendor, "/etc/x")}
         obs = Observation(units=frozen_map(), facts=frozen_map(facts), unit_dirs=dirs, uid=0)
         assert [f.path for f in baseline_facts(obs)] == [mine]
+
+    def test_records_the_sources_of_loaded_units(self, tmp_path: Path) -> None:
+        """A generated unit's source is recorded too, wherever it lies."""
+        dirs = tree(tmp_path)
+        source = str(tmp_path / "containers" / "web.container")
+        unit = UnitRecord("web.service", source_path=source)
+        facts = {p: FileFact(p, FileKind.FILE, sha256="s") for p in (source, "/etc/x")}
+        obs = Observation(
+            units=frozen_map({unit.name: unit}), facts=frozen_map(facts), unit_dirs=dirs, uid=0
+        )
+        assert [f.path for f in baseline_facts(obs)] == [source]

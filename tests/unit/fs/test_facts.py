@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.fs.facts import FactReader, Md5Reader, scan_unit_dir
 from provenanced.model import UNIT_FILE_MAX, FileKind
 
 
@@ -106,6 +106,18 @@ class TestFactReader:
         assert (other.kind, other.size, other.sha256, other.error) == (FileKind.FILE, 1, None, None)
         assert reader.read(str(tmp_path / "a.conf")).sha256 == hashlib.sha256(b"x").hexdigest()
 
+    def test_a_unit_source_is_hashed_whatever_its_name(self, tmp_path: Path) -> None:
+        """A quadlet source (``.container``) is hashed when read as a source, directly or linked."""
+        source = tmp_path / "web.container"
+        source.write_bytes(b"x")
+        link = tmp_path / "linked.container"
+        link.symlink_to(source)
+        digest = hashlib.sha256(b"x").hexdigest()
+        reader = FactReader()
+        assert reader.read(str(source)).sha256 is None
+        facts = reader.read_many([str(source), str(link)], sources={str(source), str(link)})
+        assert [f.sha256 for f in facts.values()] == [digest, digest]
+
     def test_hash_cache_sees_rewrites(self, tmp_path: Path) -> None:
         """A rewritten file gets a new hash even from a reader that cached the old one."""
         path = tmp_path / "a.service"
@@ -114,6 +126,32 @@ class TestFactReader:
         first = reader.read(str(path)).sha256
         path.write_bytes(b"two")
         assert reader.read(str(path)).sha256 != first
+
+
+class TestMd5Reader:
+    def test_md5_of_a_regular_file_as_dpkg_records_it(self, tmp_path: Path) -> None:
+        """The MD5 a package database compares with, and a new one after a rewrite."""
+        path = tmp_path / "a.service"
+        path.write_bytes(b"[Unit]\n")
+        reader = Md5Reader()
+        assert reader.read(str(path)) == hashlib.md5(b"[Unit]\n").hexdigest()
+        path.write_bytes(b"[Unit]\nDescription=x\n")
+        assert reader.read(str(path)) == hashlib.md5(b"[Unit]\nDescription=x\n").hexdigest()
+
+    def test_no_md5_past_the_unit_file_cap(self, tmp_path: Path) -> None:
+        """A file over ``UNIT_FILE_MAX`` is not read to its end: it has no MD5."""
+        path = tmp_path / "big.service"
+        with path.open("wb") as handle:
+            handle.truncate(UNIT_FILE_MAX + 1)
+        assert Md5Reader().read(str(path)) is None
+
+    def test_no_md5_for_a_link_a_fifo_or_nothing(self, tmp_path: Path) -> None:
+        """A link is never followed, a FIFO never waited on, a missing file is no error."""
+        (tmp_path / "target").write_bytes(b"x")
+        (tmp_path / "link").symlink_to(tmp_path / "target")
+        os.mkfifo(tmp_path / "fifo")
+        reader = Md5Reader()
+        assert [reader.read(str(tmp_path / n)) for n in ("link", "fifo", "gone")] == [None] * 3
 
 
 class TestScan:

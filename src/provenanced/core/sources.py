@@ -1,0 +1,34 @@
+"""Where generated units come from: the sources generators read, podman quadlet's first."""
+
+from __future__ import annotations
+
+import posixpath
+
+from provenanced.core.unitpath import UserDirs
+
+# Directories a vendor package fills: a source there is vouched for like a vendor-tier unit.
+_VENDOR_PREFIXES = ("/usr/", "/lib/")
+
+
+def quadlet_source_dirs(dirs: UserDirs, uid: int) -> tuple[str, ...]:
+    """The directories rootless quadlet reads ``.container``/``.pod``/... files from, in its order.
+
+    As podman builds them for a user generator: getRootlessDirs() in
+    pkg/systemd/quadlet/unitdirs.go (podman c6580b4, L219-245) adds the runtime directory, then
+    the config directory, then ``users`` and ``users/$UID`` under UnitDirAdmin (/etc) and
+    UnitDirDistro (/usr/share); cmd/quadlet/main.go loadUnitsFromDir() keeps the first file of a
+    name. Subdirectories of these are read too and are not listed here.
+    """
+    return (
+        posixpath.join(dirs.runtime_dir, "containers/systemd"),
+        posixpath.join(dirs.config_home, "containers/systemd"),
+        "/etc/containers/systemd/users",
+        f"/etc/containers/systemd/users/{uid}",
+        "/usr/share/containers/systemd/users",
+        f"/usr/share/containers/systemd/users/{uid}",
+    )
+
+
+def is_vendor_source(path: str) -> bool:
+    """A source a distribution package installs, vouched for like the vendor tier."""
+    return path.startswith(_VENDOR_PREFIXES)
