@@ -51,7 +51,7 @@ class ManagerSettings(_Section):
     )
     call_timeout: float = Field(10.0, gt=0, description="Seconds before a D-Bus call is abandoned")
     max_in_flight: int = Field(
-        32, ge=1, le=128, description="D-Bus calls in flight at once on one connection"
+        64, ge=1, le=128, description="D-Bus calls in flight at once on one connection"
     )
     reconnect_max_delay: float = Field(
         30.0, gt=0, description="Cap of the reconnect backoff, seconds"

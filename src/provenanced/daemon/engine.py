@@ -16,6 +16,7 @@ import structlog
 from provenanced.config import Settings
 from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
+from provenanced.core.unitpath import UserDirs
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.changes import (
     BaselineChanged,
@@ -37,7 +38,7 @@ from provenanced.expect.generation import GCROOT
 from provenanced.expect.packages import PackageDatabase, open_database
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import WatchEvent, WatchLimitReached
-from provenanced.model import DaemonStatus, JobChecks, Transition, frozen_map
+from provenanced.model import DaemonStatus, JobChecks, Transition
 from provenanced.sinks.alerts import Alerts
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
@@ -103,12 +104,8 @@ class Engine:
         # Outlives connections, like the hash cache: it re-reads only the info files that changed.
         self._packages = open_database(provenance.packages, provenance.package_root)
         self._places = _watched_places(self.state_dir, self.dirs.home, self._packages)
-        # Generated units' sources: a change there re-reads the units whose SourcePath it is.
-        # The distribution's are vouched for by construction: watching /usr/share buys nothing.
-        sources = [d for d in quadlet_source_dirs(self.dirs, self._uid) if not is_vendor_source(d)]
-        self.watches = Watches(
-            [*self._places.extra_dirs, *sources], self._on_watch_event, telemetry, executor
-        )
+        extra = [*self._places.extra_dirs, *_watched_sources(self.dirs, self._uid)]
+        self.watches = Watches(extra, self._on_watch_event, telemetry, executor)
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
@@ -165,22 +162,17 @@ class Engine:
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
-        obs = self.state.observation
-        load_states: dict[str, int] = {}
-        for unit in obs.units.values() if obs else ():
-            load_states[unit.load_state] = load_states.get(unit.load_state, 0) + 1
-        self.status = DaemonStatus(
-            findings=tuple(self.state.findings.values()),
-            units_by_load_state=frozen_map(load_states),
-            manager_connected=self.connected.is_set(),
+        connected = self.connected.is_set()
+        flags = DaemonStatus(
+            manager_connected=connected,
             transport=self._transport,
             ready=self.ready.is_set(),
-            behind=self._behind or not self.connected.is_set(),
+            behind=self._behind or not connected,
             degraded=self.watches.degraded,
             inotify_watches=self.watches.count,
             last_full_resync=self.status.last_full_resync,
-            units_audited=len(obs.units) if obs else 0,
         )
+        self.status = self.state.status(flags)
 
     # ---- the manager -----------------------------------------------------------------------
 
@@ -190,18 +182,10 @@ class Engine:
         self._manager_reloading = False
         self.jobs.connected()
         await manager.subscribe(conn, self._on_signal)
-        provenance = self.settings.provenance
         self._observer = Observer(
-            conn,
-            self.dirs,
-            provenance.managed_roots,
-            provenance.home_manager,
-            self._reader,
-            self._packages,
-            provenance.package_root,
-            executor=self._executor,
-            uid=self._uid,
+            conn, self.dirs, (), reader=self._reader, executor=self._executor, uid=self._uid
         )
+        self._observer.follow(self.settings.provenance, self._packages)
         await self._reread([FullResync("connected", time.monotonic(), True)])
         self.connected.set()
         self.publish()
@@ -318,15 +302,8 @@ class Engine:
         self.telemetry.observe_resync(duration)
         self.status = replace(self.status, last_full_resync=time.time())
         self.ready.set()
-        reasons = sorted({c.reason for c in batch if isinstance(c, FullResync)}) or [
-            "a unit directory changed"
-        ]
-        log.debug(
-            "engine.resynced",
-            reason=", ".join(reasons),
-            units=len(self.state.observation.units) if self.state.observation else 0,
-            seconds=round(duration, 4),
-        )
+        reasons = {c.reason for c in batch if isinstance(c, FullResync)} or {"unit directory"}
+        log.debug("engine.resynced", reason=", ".join(sorted(reasons)), seconds=round(duration, 4))
 
     def _backstop(self) -> None:
         self._changes.put_nowait(FullResync("backstop", time.monotonic()))
@@ -339,3 +316,11 @@ def _watched_places(state_dir: str, home: str, packages: PackageDatabase | None)
         packages.watched if packages is not None else (None, frozenset[str]())
     )
     return WatchedPlaces(state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files)
+
+
+def _watched_sources(dirs: UserDirs, uid: int) -> list[str]:
+    """Generated units' source directories: a change there re-reads the units made from it.
+
+    The distribution's are vouched for by construction: watching /usr/share buys nothing.
+    """
+    return [d for d in quadlet_source_dirs(dirs, uid) if not is_vendor_source(d)]

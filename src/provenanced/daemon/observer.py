@@ -7,6 +7,7 @@ import fnmatch
 import os
 import posixpath
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -16,6 +17,7 @@ import structlog
 
 from provenanced.config import ProvenanceSettings
 from provenanced.core.index import PathIndex
+from provenanced.core.layered import LayeredSet, changed
 from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
 from provenanced.core.unitpath import (
@@ -221,7 +223,7 @@ class Observer:
             facts=frozen_map(facts),
             unit_dirs=unit_dirs,
             uid=self.uid,
-            scanned_files=frozenset(scanned),
+            scanned_files=LayeredSet.of(scanned),
         )
         return obs, generation
 
@@ -262,11 +264,14 @@ class Observer:
         return index
 
     async def _read_touched(self, batch: Sequence[Change], since: Observation) -> Reading:
+        # Only what changed is built anew: the maps and the scan of ``since`` are layered over,
+        # never copied, so a change costs the same at 100 units and at 10,000.
         if since.units is not self._indexed:
             self._index = PathIndex.build(since.units.values())
         obs = since
         dirs = {d.path: d for d in obs.unit_dirs}
-        scanned = set(obs.scanned_files)
+        unscanned: set[str] = set()  # left the scan
+        rescanned: set[str] = set()  # (back) in the scan
         paths: set[str] = set()
         for change in batch:
             if not isinstance(change, PathChanged) or not change.path:
@@ -275,11 +280,10 @@ class Observer:
                 raise _UnitDirChanged(change.path)
             paths.add(change.path)
             if change.is_dir:
-                inside = {p for p in scanned if p.startswith(change.path + "/")}
+                inside = {p for p in obs.scanned_files if p.startswith(change.path + "/")}
                 paths |= inside
-                scanned -= inside
-        facts = dict(obs.facts)
-        facts.update(await self.read_paths(paths, {u.source_path for u in obs.units.values()}))
+                unscanned |= inside
+        facts = await self.read_paths(paths, self._sources_among(paths, obs.units))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
@@ -292,33 +296,43 @@ class Observer:
                 loc.unit_dir.tier in AUDITED_TIERS or loc.unit_dir.path in packaged
             ):
                 if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
-                    scanned.add(path)
+                    rescanned.add(path)
+                    unscanned.discard(path)
                 else:
-                    scanned.discard(path)
+                    unscanned.add(path)
+                    rescanned.discard(path)
             # A unit file nothing loaded is judged from disk alone; the manager is not asked.
             affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
-        units = dict(obs.units)
-        for name in unloaded - affected:
-            old = units.pop(name, None)
-            if old is not None:
-                self._index.remove(old)
+        dropped = unloaded - affected
         affected -= unloaded
         records = await manager.get_unit_records(self.conn, sorted(affected))
         facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
         paths.update(p for record in records.values() for p in _own_paths(record))
-        for name in affected:
-            old = units.pop(name, None)
+        for name in dropped | affected:
+            old = obs.units.get(name)
             if old is not None:
                 self._index.remove(old)
         for record in records.values():
-            units[record.name] = record
             self._index.add(record)
         obs = replace(
-            obs, units=frozen_map(units), facts=frozen_map(facts), scanned_files=frozenset(scanned)
+            obs,
+            units=changed(obs.units, records, dropped | affected),
+            facts=changed(obs.facts, facts),
+            scanned_files=_layered(obs.scanned_files).changed(rescanned, unscanned),
         )
         self._indexed = obs.units
         return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
+
+    def _sources_among(self, paths: Iterable[str], units: Mapping[str, UnitRecord]) -> set[str]:
+        """Which of ``paths`` a loaded unit was generated from, found through the index: a
+        change does not collect every unit's source."""
+        return {
+            path
+            for path in paths
+            for name in self._index.by_path.get(path, ())
+            if (unit := units.get(name)) is not None and unit.source_path == path
+        }
 
     async def read_facts(
         self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
@@ -370,6 +384,10 @@ def _as_before(obs: Observation, since: Observation, index: PackageIndex) -> Obs
 def _own_paths(record: UnitRecord) -> tuple[str, ...]:
     """The files a unit is made of: its definition files and the source it was generated from."""
     return (*record.definition_paths, *filter(None, [record.source_path]))
+
+
+def _layered(scan: AbstractSet[str]) -> LayeredSet[str]:
+    return scan if isinstance(scan, LayeredSet) else LayeredSet.of(scan)
 
 
 def baseline_facts(obs: Observation) -> list[FileFact]:

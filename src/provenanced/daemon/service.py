@@ -70,6 +70,7 @@ class Daemon:
             tls=_tls(settings),
             fd=fds[0] if fds else None,
             stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
+            version=lambda: self.telemetry.version,
         )
         return self.http
 

@@ -18,7 +18,6 @@ serves one request (HTTP/1.0); a malformed one gets 400 with a status line.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import html
 import io
 import json
@@ -36,11 +35,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import gzip_accepted
 
 from provenanced import __version__
 from provenanced.errors import ConfigError
 from provenanced.model import DaemonStatus
+from provenanced.sinks.exposition import Exposition
 
 log = structlog.get_logger(__name__)
 
@@ -113,17 +113,19 @@ def start_http_server(
     tls: TlsFiles | None = None,
     fd: int | None = None,
     stalled_for: Callable[[], float] | None = None,
+    version: Callable[[], int] | None = None,
 ) -> HttpServer:
     """Serve on ``listen`` ("host:port", "[v6]:port"), or on the inherited listening socket ``fd``.
 
     ``stalled_for`` says how long the event loop has been stuck (0.0 when it runs); /-/healthy
-    fails while it is not 0. Raises ConfigError, one line, when the address cannot be bound or
+    fails while it is not 0. ``version`` moves with every counter of ``registry``: /metrics then
+    serves the bytes rendered for the current status and version. Raises ConfigError, one line, when the address cannot be bound or
     the TLS files don't load.
     """
     context = _tls_context(tls) if tls is not None else None
     server = _Server(
         _inherited_socket(fd) if fd is not None else _bound_socket(listen),
-        registry,
+        Exposition(registry, get_status, version),
         get_status,
         context,
         stalled_for,
@@ -255,7 +257,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(
         self,
         sock: socket.socket,
-        registry: CollectorRegistry,
+        exposition: Exposition,
         get_status: Callable[[], DaemonStatus | Mapping[str, DaemonStatus]],
         tls: ssl.SSLContext | None,
         stalled_for: Callable[[], float] | None,
@@ -264,7 +266,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
-        self.registry = registry
+        self.exposition = exposition
         self.get_status = get_status
         self.tls = tls
         self.stalled_for = stalled_for
@@ -411,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = url.path
         if path == "/metrics":
-            return self._metrics(server.registry)
+            return self._metrics(server.exposition)
         if path == "/-/healthy":
             return _healthy(server.stalled_for)
         if path == "/-/ready":
@@ -423,13 +425,11 @@ class _Handler(BaseHTTPRequestHandler):
             return _Response(HTTPStatus.OK, body, "text/html; charset=utf-8")
         return _Response(HTTPStatus.NOT_FOUND, b"not found; see / for the endpoints\n")
 
-    def _metrics(self, registry: CollectorRegistry) -> _Response:
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(registry)
-        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
-            return _Response(
-                HTTPStatus.OK, gzip.compress(body), content_type, (("Content-Encoding", "gzip"),)
-            )
+    def _metrics(self, exposition: Exposition) -> _Response:
+        gzipped = gzip_accepted(self.headers.get("Accept-Encoding", ""))
+        body, content_type = exposition.render(self.headers.get("Accept", ""), gzipped)
+        if gzipped:
+            return _Response(HTTPStatus.OK, body, content_type, (("Content-Encoding", "gzip"),))
         return _Response(HTTPStatus.OK, body, content_type)
 
     def _send(self, response: _Response, *, body: bool = True) -> None:

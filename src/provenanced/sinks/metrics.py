@@ -7,9 +7,11 @@ the daemon each get their own set of series and nothing else in the process can 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal, ParamSpec, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
@@ -30,6 +32,7 @@ DETECTION_LATENCY_BUCKETS: Final = (
 RESYNC_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 _Metric = TypeVar("_Metric", Counter, Histogram)
+P = ParamSpec("P")
 
 ActionResult = Literal["ok", "failed"]
 # A reload may also be held back: a job is queued or a defer_while_active unit is activating.
@@ -37,6 +40,29 @@ ReloadResult = Literal["ok", "failed", "deferred"]
 ACTION_RESULTS: Final[tuple[ActionResult, ...]] = ("ok", "failed")
 RELOAD_RESULTS: Final[tuple[ReloadResult, ...]] = ("ok", "failed", "deferred")
 ALERT_RESULTS: Final[tuple[AlertResult, ...]] = ("ok", "error")
+
+
+def _counts(method: Callable[P, None]) -> Callable[P, None]:
+    """Mark a Telemetry method that moves a counter or histogram: it moves ``version``."""
+
+    @functools.wraps(method)
+    def counted(*args: P.args, **kwargs: P.kwargs) -> None:
+        method(*args, **kwargs)
+        cast("Telemetry", args[0])._version.move()
+
+    return counted
+
+
+class _Version:
+    """A number that moves with every recorded event; shared by every user's view."""
+
+    def __init__(self) -> None:
+        self._ticks = itertools.count(1)
+        self.value = 0
+
+    def move(self) -> None:
+        # A fresh number, never a read-modify-write: sinks may record from a worker thread.
+        self.value = next(self._ticks)
 
 
 class Telemetry:
@@ -54,6 +80,7 @@ class Telemetry:
         host: bool = False,
     ) -> None:
         self.registry = CollectorRegistry()
+        self._version = _Version()
         reg = self.registry
         # Host mode: every series names its user; ``for_user`` gives the view an engine records to.
         user: list[str] = ["user"] if host else []
@@ -136,6 +163,11 @@ class Telemetry:
             self._preinitialise(self._reload_triggers)
         reg.register(StatusCollector(get_status))
 
+    @property
+    def version(self) -> int:
+        """Moves with every counter and histogram, so /metrics knows when to render again."""
+        return self._version.value
+
     def for_user(self, name: str) -> Telemetry:
         """The view an engine following ``name``'s manager records to: same series, its label."""
         view = copy.copy(self)
@@ -165,43 +197,53 @@ class Telemetry:
             for alert_result in ALERT_RESULTS:
                 self._labels(self._alerts, sink=sink, result=alert_result)
 
+    @_counts
     def record_transition(self, t: Transition) -> None:
         """Count a finding that opened or closed."""
         counter = self._detected if t.state == "detected" else self._resolved
         self._labels(counter, kind=t.finding.kind.value).inc()
 
+    @_counts
     def record_reload(self, trigger: str, result: ReloadResult) -> None:
         """Count one daemon-reload request and its outcome."""
         self._labels(self._reloads, trigger=trigger, result=result).inc()
 
+    @_counts
     def record_heal(self, kind: str, result: ActionResult) -> None:
         """Count one heal attempt and its outcome; ``kind`` is a FindingKind or its value."""
         self._labels(self._heals, kind=str(kind), result=result).inc()
 
+    @_counts
     def record_job_unverified(self) -> None:
         """Count one job that ended ``done`` but whose unit did not verify."""
         self._labels(self._jobs_unverified).inc()
 
+    @_counts
     def observe_resync(self, seconds: float) -> None:
         """Record how long one full resync took."""
         self._labels(self._resync).observe(seconds)
 
+    @_counts
     def observe_detection_latency(self, seconds: float) -> None:
         """Record the delay from the oldest change of a re-check batch to its findings."""
         self._labels(self._latency).observe(seconds)
 
+    @_counts
     def record_dbus_call(self, method: str, result: str) -> None:
         """Count one D-Bus call to the manager and its outcome ("ok", "error" or "timeout")."""
         self._labels(self._dbus_calls, method=method, result=result).inc()
 
+    @_counts
     def record_reconnect(self) -> None:
         """Count one lost connection or failed connection attempt."""
         self._labels(self._reconnects).inc()
 
+    @_counts
     def record_overflow(self) -> None:
         """Count one inotify queue overflow."""
         self._labels(self._overflows).inc()
 
+    @_counts
     def record_alert(self, sink: str, result: AlertResult) -> None:
         """Count one notification handed to an alert sink; matches ``JournalSink``'s on_result."""
         self._labels(self._alerts, sink=sink, result=result).inc()
