@@ -278,7 +278,7 @@ def load_settings(
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {describe_errors(exc)}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
     except (SettingsError, RecursionError) as exc:
         # pydantic-settings decodes list and table variables as JSON (from os.environ, whatever
         # ``env`` says) and its error names only the section: name the variable instead.
@@ -347,7 +347,7 @@ def _is_model(annotation: object) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def describe_errors(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     """One readable clause per validation error, naming the key."""
     parts = []
     for error in exc.errors():

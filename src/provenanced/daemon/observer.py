@@ -1,4 +1,8 @@
-"""Every read of the manager and the disk: a full observation, or the part a batch of changes touched."""
+"""Every read of the manager and the disk: a full observation, or the part a batch of changes touched.
+
+Over 400 lines on purpose: the observer owns every read of the manager and the disk, full and
+partial, so what a change costs is visible in one file.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ sending): at most ``MAX_CONNECTIONS`` at once (the next one gets 503), ``_HEAD_B
 request line and headers together (414 when the request line alone is over, else 431), and one
 deadline, ``_HEAD_SECONDS`` from accept, for the TLS handshake and the whole head. Each connection
 serves one request (HTTP/1.0); a malformed one gets 400 with a status line.
+
+Over 400 lines on purpose: the routes and the limits that bound them share one parse of the
+request head, and splitting them would hide which limit guards which read.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class TestRendering:
     )
     def test_describe_type(self, annotation: object, text: str) -> None:
         """Annotations become short readable names."""
-        assert configref.describe_type(annotation) == text
+        assert configref.type_name(annotation) == text
 
     @pytest.mark.parametrize(
         ("value", "text"),
