@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import posixpath
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
@@ -14,28 +13,26 @@ from typing import Any
 import structlog
 
 from provenanced.config import Settings
-from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
-from provenanced.core.unitpath import UserDirs
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.changes import (
     BaselineChanged,
     Change,
     FullResync,
     PathChanged,
-    WatchedPlaces,
     change_for_signal,
     change_for_watch_event,
+    watched_places,
 )
 from provenanced.daemon.connection import follow_manager
 from provenanced.daemon.heal import Healer
 from provenanced.daemon.jobs import JobVerifier
 from provenanced.daemon.observer import Observer, baseline_facts, user_dirs
+from provenanced.daemon.tasks import run_until
 from provenanced.daemon.watches import Watches
 from provenanced.errors import ManagerCallError
 from provenanced.expect import baseline
-from provenanced.expect.generation import GCROOT
-from provenanced.expect.packages import PackageDatabase, open_database
+from provenanced.expect.packages import open_database
 from provenanced.fs.facts import FactReader
 from provenanced.fs.watch import WatchEvent, WatchLimitReached
 from provenanced.model import DaemonStatus, JobChecks, Transition
@@ -49,10 +46,6 @@ log = structlog.get_logger("provenanced.engine")
 
 # Pause before retrying a re-check the manager failed, so an erroring manager is not hammered.
 _RETRY_DELAY = 1.0
-
-
-class _Shutdown(Exception):
-    """Raised inside the task group to end it when ``stop`` is set."""
 
 
 class Engine:
@@ -100,42 +93,36 @@ class Engine:
         # resync (a reconnect) replaces would land after it and undo it.
         self._reading = asyncio.Lock()
         self._baseline = baseline.BaselineFile(self.state_dir)
-        provenance = settings.provenance
         # Outlives connections, like the hash cache: it re-reads only the info files that changed.
-        self._packages = open_database(provenance.packages, provenance.package_root)
-        self._places = _watched_places(self.state_dir, self.dirs.home, self._packages)
-        extra = [*self._places.extra_dirs, *_watched_sources(self.dirs, self._uid)]
-        self.watches = Watches(extra, self._on_watch_event, telemetry, executor)
+        self._packages = open_database(
+            settings.provenance.packages, settings.provenance.package_root
+        )
+        self._places = watched_places(self.state_dir, self.dirs, self._uid, self._packages)
+        self.watches = Watches(self._places.extra_dirs, self._on_watch_event, telemetry, executor)
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every loop until ``stop`` is set; a crashed loop ends the engine."""
         try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                following = follow_manager(
-                    lambda: self.settings.manager,
-                    self.env,
-                    self.telemetry.record_dbus_call,
-                    self._connected,
-                    self._lost,
-                )
-                tg.create_task(following, name="manager.follow")
-                tg.create_task(self.reconcile_changes(), name="engine.reconcile")
-                tg.create_task(self.alerts.send_held(), name="alerts.flush")
-                reloads = self.actions.reload_when_stale(self.state, lambda: self._conn)
-                tg.create_task(reloads, name="actions.reload")
-                backstop = self.watches.backstop(lambda: self.settings.policy, self._backstop)
-                tg.create_task(backstop, name="engine.backstop")
-                await stop.wait()
-                raise _Shutdown
-        except* _Shutdown:
-            pass
+            await run_until(stop, self._start_loops)
         finally:
             self.watches.close()
             if self._conn is not None:
                 await self._conn.close()
+
+    def _start_loops(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        on_call = self.telemetry.record_dbus_call
+        manager_settings = lambda: self.settings.manager  # noqa: E731 - read anew at each connect
+        links = follow_manager(manager_settings, self.env, on_call, self._connected, self._lost)
+        tg.create_task(links, name="manager.follow")
+        tg.create_task(self.reconcile_changes(), name="engine.reconcile")
+        tg.create_task(self.alerts.send_held(), name="alerts.flush")
+        reloads = self.actions.reload_when_stale(self.state, lambda: self._conn)
+        tg.create_task(reloads, name="actions.reload")
+        backstop = self.watches.backstop(lambda: self.settings.policy, self._backstop)
+        tg.create_task(backstop, name="engine.backstop")
 
     def follow_settings(self, settings: Settings) -> None:
         """Take a reloaded configuration's policy and provenance sections, and look again."""
@@ -173,8 +160,6 @@ class Engine:
             last_full_resync=self.status.last_full_resync,
         )
         self.status = self.state.status(flags)
-
-    # ---- the manager -----------------------------------------------------------------------
 
     async def _connected(self, conn: ManagerConnection) -> None:
         """Subscribe, resync in full, and say so."""
@@ -218,8 +203,6 @@ class Engine:
     ) -> None:
         await self._after(await self.jobs.verify(conn, event, announced))
 
-    # ---- files -----------------------------------------------------------------------------
-
     def _on_watch_event(self, event: WatchEvent) -> None:
         if isinstance(event, WatchLimitReached):
             self.publish()  # degraded now
@@ -228,8 +211,6 @@ class Engine:
             self.actions.last_change = time.monotonic()
         if change is not None:
             self._changes.put_nowait(change)
-
-    # ---- the loop --------------------------------------------------------------------------
 
     async def reconcile_changes(self) -> None:
         """Drain queued changes in one batch and re-read the least that covers them."""
@@ -307,20 +288,3 @@ class Engine:
 
     def _backstop(self) -> None:
         self._changes.put_nowait(FullResync("backstop", time.monotonic()))
-
-
-def _watched_places(state_dir: str, home: str, packages: PackageDatabase | None) -> WatchedPlaces:
-    """The places watched beside the unit directories: state, gcroots, the package database."""
-    gcroots = posixpath.dirname(posixpath.join(home, GCROOT))
-    packages_dir, packages_files = (
-        packages.watched if packages is not None else (None, frozenset[str]())
-    )
-    return WatchedPlaces(state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files)
-
-
-def _watched_sources(dirs: UserDirs, uid: int) -> list[str]:
-    """Generated units' source directories: a change there re-reads the units made from it.
-
-    The distribution's are vouched for by construction: watching /usr/share buys nothing.
-    """
-    return [d for d in quadlet_source_dirs(dirs, uid) if not is_vendor_source(d)]

@@ -27,6 +27,7 @@ from provenanced.daemon import notify
 from provenanced.daemon.discovery import Logind, RuntimeDirs, UserManager
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
+from provenanced.daemon.tasks import run_until
 from provenanced.errors import ConfigError, ProvenancedError, StateError
 from provenanced.fs.fsuid import Credentials, UserThread
 from provenanced.model import DaemonStatus
@@ -40,10 +41,6 @@ log = structlog.get_logger("provenanced.host")
 _STOP_GRACE = 5.0
 # Pause before an engine that crashed is started again, so a broken manager is not hammered.
 _RESTART_DELAY = 5.0
-
-
-class _Shutdown(Exception):
-    """Raised inside the task group to end it when ``stop`` is set."""
 
 
 @dataclass
@@ -118,14 +115,7 @@ class HostDaemon:
             self.start_http()
         discovery = RuntimeDirs(self.settings.host.runtime_root, self._on_managers)
         try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                tg.create_task(discovery.follow(), name="host.discover")
-                tg.create_task(self.follow_users(), name="host.follow")
-                await stop.wait()
-                raise _Shutdown
-        except* _Shutdown:
-            pass
+            await run_until(stop, lambda tg: self._start_loops(tg, discovery))
         finally:
             notify.stopping()
             for uid in list(self._followed):
@@ -133,6 +123,11 @@ class HostDaemon:
             await self.logind.close()
             assert self.http is not None
             self.http.stop()
+
+    def _start_loops(self, tg: asyncio.TaskGroup, discovery: RuntimeDirs) -> None:
+        self._tg = tg
+        tg.create_task(discovery.follow(), name="host.discover")
+        tg.create_task(self.follow_users(), name="host.follow")
 
     def _on_managers(self, found: Mapping[int, UserManager]) -> None:
         host = self.settings.host
