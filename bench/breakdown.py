@@ -133,7 +133,7 @@ async def breakdown(sandbox: Sandbox) -> list[Stage]:
         records_s, records = await _timed(lambda: manager.get_unit_records(conn, names))
         stages.append(Stage("  unit records (GetAll per unit, decoded)", records_s, len(records)))
         facts_s, facts = await _timed(
-            _sync(lambda: observer.read_facts(records.values(), scanned, gen.links))
+            lambda: observer.read_facts(records.values(), scanned, gen.links)
         )
         stages.append(Stage("  file facts (lstat, readlink, realpath, hash)", facts_s, len(facts)))
         stages.append(Stage("  audit()", audit_s, len(findings)))

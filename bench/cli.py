@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--sizes 100,1000,5000]`: measure, then print the tables."""
+"""`python -m bench [--quick] [--sizes 100,1000,10000]`: measure, then print the tables."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bench.run import Plan, Result, log, run_size, workdir
 from provenanced.errors import ProvenancedError
 from provenanced.sandbox import ensure_journald
 
-DEFAULT_SIZES = (100, 1000, 5000)
+DEFAULT_SIZES = (100, 1000, 10000)
 
 
 def plans(sizes: Sequence[int], quick: bool, args: argparse.Namespace) -> list[Plan]:

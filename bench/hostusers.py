@@ -1,8 +1,9 @@
-"""Host-mode foundations, by hand (root): real users' managers and the per-user file helper.
+"""Host-mode foundations, by hand (root): real users' managers and the per-user reader thread.
 
 `python -m bench.hostusers [USERS] [UNITS]` boots USERS real accounts (default 20), each with a
-Home Manager tree of UNITS services (default 200), then measures one user's file helper: start
-time, memory, and the facts of every unit file read through it against FactReader in process.
+Home Manager tree of UNITS services (default 200), then measures the threads acting as each user:
+start time, this process's memory growth per user, and the facts of every unit file read on a
+user's thread against FactReader on the calling thread.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import time
 
 from bench.proc import sample
 from bench.stats import median, ms, percentile
-from provenanced.fs.asuser import Credentials, UserHelper
 from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.fs.fsuid import Credentials, UserThread
 from provenanced.sandbox import HostSandbox, UserSandbox
 
-_HELPER_STARTS = 10
+_THREAD_STARTS = 10
 _READS = 7
 _SINGLE = 100
 
@@ -47,21 +48,38 @@ def _boot(host: HostSandbox, users: int, units: int) -> list[UserSandbox]:
     return booted
 
 
-async def _helper(user: UserSandbox) -> None:
-    creds = Credentials.of_uid(user.account.uid)
+def _memory_kib() -> tuple[int, int]:
+    """(RSS, PSS) of this process in KiB."""
+    fields = {}
+    with open("/proc/self/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields["Rss"], fields["Pss"]
+
+
+async def _threads(users: list[UserSandbox]) -> None:
+    creds = Credentials.of_uid(users[0].account.uid)
     starts = []
-    for _ in range(_HELPER_STARTS):
+    for _ in range(_THREAD_STARTS):
         start = time.monotonic()
-        helper = await UserHelper.start(creds)
+        thread = await UserThread.start(creds)
         starts.append(time.monotonic() - start)
-        await helper.close()
-    helper = await UserHelper.start(creds)
+        thread.close()
+    before = _memory_kib()
+    threads = [await UserThread.start(Credentials.of_uid(u.account.uid)) for u in users]
+    for thread, user in zip(threads, users, strict=True):
+        await thread.facts(scan_unit_dir(str(user.config_dir)))
+    after = _memory_kib()
+    rss, pss = (a - b for a, b in zip(after, before, strict=True))
+    thread, user = threads[0], users[0]
     paths = list(scan_unit_dir(str(user.config_dir)))
     through, direct = [], []
     reader = FactReader()
     for _ in range(_READS):
         start = time.monotonic()
-        await helper.facts(paths)
+        await thread.facts(paths)
         through.append(time.monotonic() - start)
         start = time.monotonic()
         reader.read_many(paths)
@@ -69,19 +87,23 @@ async def _helper(user: UserSandbox) -> None:
     single = []
     for path in paths[:_SINGLE]:
         start = time.monotonic()
-        await helper.facts([path])
+        await thread.facts([path])
         single.append(time.monotonic() - start)
-    memory = sample(helper.pid)
-    await helper.close()
-    print(f"helper start median {ms(median(starts))} ({_HELPER_STARTS} starts)")
-    print(f"helper RSS {memory.rss_bytes / 2**20:.1f} MiB, PSS {memory.pss_bytes / 2**20:.1f} MiB")
+    for thread in threads:
+        thread.close()
+    print(f"thread start median {ms(median(starts))} ({_THREAD_STARTS} starts)")
     print(
-        f"facts of {len(paths)} paths: through the helper first {ms(through[0])}, then median "
-        f"{ms(median(through[1:]))}; FactReader in process first {ms(direct[0])}, then median "
+        f"{len(users)} user threads, each having read its tree: RSS +{rss / 1024:.2f} MiB "
+        f"({rss / len(users):.0f} KiB per user), PSS +{pss / 1024:.2f} MiB"
+    )
+    print(
+        f"facts of {len(paths)} paths: on the user's thread first {ms(through[0])}, then median "
+        f"{ms(median(through[1:]))}; FactReader on this thread first {ms(direct[0])}, then median "
         f"{ms(median(direct[1:]))}"
     )
     print(
-        f"one path through the helper: median {ms(median(single))}, p99 {ms(percentile(single, 99))}"
+        f"one path on the user's thread: median {ms(median(single))}, "
+        f"p99 {ms(percentile(single, 99))}"
     )
 
 
@@ -90,7 +112,7 @@ def main() -> int:
     units = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     with HostSandbox() as host:
         booted = _boot(host, users, units)
-        asyncio.run(_helper(booted[0]))
+        asyncio.run(_threads(booted))
     return 0
 
 

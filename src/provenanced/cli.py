@@ -188,9 +188,15 @@ async def _baseline_accept(args: argparse.Namespace) -> int:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, host=args.host)
+    configure_logging(settings.log.level, settings.log.format)
+    if settings.scope == "host":
+        from provenanced.daemon.host import serve_host
+
+        asyncio.run(serve_host(settings, args.config))
+        return EXIT_OK
     from provenanced.daemon.service import serve
 
-    settings = _settings(args)
     asyncio.run(serve(settings, args.config))
     return EXIT_OK
 
@@ -221,7 +227,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _install(args: argparse.Namespace) -> int:
-    from provenanced.commands.install import install
+    from provenanced.commands.install import install, socket_listen
 
     settings = _settings(args)
     conn = await _connect(settings)
@@ -232,6 +238,8 @@ async def _install(args: argparse.Namespace) -> int:
             socket=args.socket,
             now=args.now,
             state_dir=settings.resolved_state_dir(os.environ),
+            # The socket unit listens on its own (packaged) address.
+            listen=socket_listen() if args.socket else settings.metrics.listen,
         )
     finally:
         await conn.close()
@@ -277,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("run", _run_daemon, "run the daemon in the foreground (as the user service does)")
+    p = command("run", _run_daemon, "run the daemon in the foreground (as the user service does)")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="as root, follow every user's manager (config default /etc/provenanced/config.toml)",
+    )
 
     p = command("audit", lambda a: _run(_audit(a)), "audit every user unit once and list drift")
     p.add_argument("--json", action="store_true", help="print JSON")

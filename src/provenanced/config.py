@@ -51,7 +51,7 @@ class ManagerSettings(_Section):
     )
     call_timeout: float = Field(10.0, gt=0, description="Seconds before a D-Bus call is abandoned")
     max_in_flight: int = Field(
-        32, ge=1, le=128, description="D-Bus calls in flight at once on one connection"
+        64, ge=1, le=128, description="D-Bus calls in flight at once on one connection"
     )
     reconnect_max_delay: float = Field(
         30.0, gt=0, description="Cap of the reconnect backoff, seconds"
@@ -169,6 +169,31 @@ class LogSettings(_Section):
     )
 
 
+class HostSettings(_Section):
+    """Host mode: one daemon as root following every user manager on the machine."""
+
+    runtime_root: str = Field(
+        "/run/user", description="Where the user runtime dirs are (<runtime_root>/<uid>)"
+    )
+    state_root: str = Field(
+        "/var/lib/provenanced", description="Per-user state under <state_root>/<user>, mode 0700"
+    )
+    allow_users: tuple[str, ...] = Field((), description="Only these users (empty: every user)")
+    deny_users: tuple[str, ...] = Field((), description="Never these users")
+
+    @field_validator("runtime_root", "state_root")
+    @classmethod
+    def _absolute_dir(cls, path: str) -> str:
+        if not posixpath.isabs(path):
+            raise ValueError(f"{path!r} is not an absolute path")
+        return posixpath.normpath(path)
+
+    def follows(self, user: str) -> bool:
+        """Whether the allow and deny lists let the daemon follow ``user``."""
+        allowed = not self.allow_users or user in self.allow_users
+        return allowed and user not in self.deny_users
+
+
 class Settings(BaseSettings):
     """The effective configuration."""
 
@@ -188,6 +213,10 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    scope: Literal["user", "host"] = Field(
+        "user", description="user: follow the own user manager; host: every user's (as root)"
+    )
+    host: HostSettings = Field(default_factory=HostSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -211,17 +240,27 @@ class Settings(BaseSettings):
         return posixpath.join(state_home, "provenanced")
 
 
-def default_config_path(env: Mapping[str, str]) -> Path:
-    """``$XDG_CONFIG_HOME/provenanced/config.toml``."""
+SYSTEM_CONFIG_PATH = Path("/etc/provenanced/config.toml")
+
+
+def default_config_path(env: Mapping[str, str], host: bool = False) -> Path:
+    """``$XDG_CONFIG_HOME/provenanced/config.toml``; in host mode the system config."""
+    if host:
+        return SYSTEM_CONFIG_PATH
     config_home = env.get("XDG_CONFIG_HOME") or posixpath.join(env.get("HOME", "~"), ".config")
     return Path(config_home, "provenanced", "config.toml")
 
 
-def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Validate the TOML file (an explicit path must exist) plus the environment."""
+def load_settings(
+    path: Path | None = None, env: Mapping[str, str] | None = None, *, host: bool = False
+) -> Settings:
+    """Validate the TOML file (an explicit path must exist) plus the environment.
+
+    ``host`` (``run --host``) reads the system config by default and sets ``scope = "host"``.
+    """
     env = os.environ if env is None else env
     explicit = path is not None
-    path = path if path is not None else default_config_path(env)
+    path = path if path is not None else default_config_path(env, host)
     data: dict[str, Any] = {}
     # Without a file, whatever is invalid came from the environment.
     source = "environment"
@@ -239,10 +278,12 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(f"{path}: invalid TOML: {' '.join(str(exc).split())}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
+    if host:
+        data["scope"] = "host"
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {describe_errors(exc)}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
     except (SettingsError, RecursionError) as exc:
         # pydantic-settings decodes list and table variables as JSON (from os.environ, whatever
         # ``env`` says) and its error names only the section: name the variable instead.
@@ -311,7 +352,7 @@ def _is_model(annotation: object) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def describe_errors(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     """One readable clause per validation error, naming the key."""
     parts = []
     for error in exc.errors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -243,7 +244,7 @@ class Observation:
     facts: Mapping[str, FileFact]
     unit_dirs: tuple[UnitDir, ...]
     uid: int
-    scanned_files: frozenset[str] = frozenset()
+    scanned_files: AbstractSet[str] = frozenset()
     loaded_hashes: Mapping[str, str] | None = None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from provenanced.commands.portcheck import PortTakenError, check_port
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -163,3 +165,38 @@ class TestExitCodes:
         if code != 0:
             # Refused before anything was touched: the unit was not restarted.
             assert sandbox.show(WEB, "InvocationID")["InvocationID"] == before
+
+
+class TestInstallPortTaken:
+    """A user-mode install on a port another user's daemon holds says so, and how to fix it."""
+
+    def test_a_real_listener_of_another_uid(self) -> None:
+        """A socket bound by uid 65534 (nobody) on a free port: check_port names that uid."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        code = (
+            "import socket, sys; s = socket.socket(); "
+            f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); sys.stdin.read()"
+        )
+        other = subprocess.Popen(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                code,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert other.stdout is not None and other.stdout.readline() == "up\n"
+            with pytest.raises(PortTakenError, match="uid 65534"):
+                check_port(f"127.0.0.1:{port}", os.getuid())
+        finally:
+            other.kill()
+            other.wait(timeout=10)

@@ -9,15 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from daemonkit import Running, eventually, settings_for, start_daemon
 from provenanced.config import ProvenanceSettings, Settings
+from provenanced.core.layered import LayeredMap
 from provenanced.daemon.service import Daemon
-from provenanced.model import FindingKind
+from provenanced.model import FileKind, FindingKind
 from provenanced.sandbox import Sandbox, build_generation, example_units
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,10 @@ WEB = "podman-web.service"
 async def daemon(fresh_sandbox: Sandbox) -> AsyncIterator[Running]:
     async with start_daemon(fresh_sandbox) as running:
         yield running
+
+
+def _base(mapping: Mapping[str, object]) -> Mapping[str, object]:
+    return mapping.base if isinstance(mapping, LayeredMap) else mapping
 
 
 class TestDetection:
@@ -52,6 +57,27 @@ class TestDetection:
         path.symlink_to(target)
         await eventually(lambda: not daemon.has(FindingKind.LINK_REPLACED, path))
         assert daemon.sample("provenanced_findings_resolved_total", kind="link-replaced") >= 1
+
+    async def test_a_change_layers_over_the_last_observation(
+        self, fresh_sandbox: Sandbox, daemon: Running
+    ) -> None:
+        """A change shares the last observation's maps instead of copying them, and leaves it as
+        it was: the HTTP thread may still be reading it."""
+        before = daemon.engine.state.observation
+        assert before is not None
+        facts_before, units_before = dict(before.facts), dict(before.units)
+        path = fresh_sandbox.config_dir / WEB
+        content = path.read_bytes()
+        path.unlink()
+        path.write_bytes(content)
+        await eventually(lambda: daemon.has(FindingKind.LINK_REPLACED, path))
+        after = daemon.engine.state.observation
+        # Layered over the same base as before (``before`` may itself be a layer over it).
+        assert isinstance(after.facts, LayeredMap) and after.facts.base is _base(before.facts)
+        assert isinstance(after.units, LayeredMap) and after.units.base is _base(before.units)
+        assert after.facts[str(path)].kind is FileKind.FILE
+        assert dict(before.facts) == facts_before and dict(before.units) == units_before
+        assert before.facts[str(path)].kind is FileKind.SYMLINK
 
     async def test_new_dropin_directory_is_watched(
         self, fresh_sandbox: Sandbox, daemon: Running

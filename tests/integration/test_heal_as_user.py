@@ -1,4 +1,4 @@
-"""Heal and quarantine run in the user's helper: what they create is the user's, nothing more."""
+"""Heal and quarantine run on the user's thread: what they create is the user's, nothing more."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from provenanced.daemon.healasuser import HEAL_HELPER, heal_as_user
-from provenanced.fs.asuser import Credentials, UserHelper
+from provenanced.daemon.heal import Healer
+from provenanced.fs.fsuid import Credentials, UserThread
 from provenanced.model import Finding, FindingKind, Tier, UnitDir
 from provenanced.sandbox import HostSandbox, UserSandbox
 
@@ -32,31 +32,24 @@ def user(host_sandbox: HostSandbox) -> UserSandbox:
 
 
 @pytest.fixture
-async def helper(user: UserSandbox) -> AsyncIterator[UserHelper]:
-    """The user's helper with the heal operation."""
-    started = await UserHelper.start(Credentials.of_uid(user.account.uid), module=HEAL_HELPER)
+async def helper(user: UserSandbox) -> AsyncIterator[UserThread]:
+    """The thread acting as the user."""
+    started = await UserThread.start(Credentials.of_uid(user.account.uid))
     try:
         yield started
     finally:
-        await started.close()
+        started.close()
 
 
-async def _heal(user: UserSandbox, helper: UserHelper, state_dir: Path) -> tuple[str, bool, str]:
+async def _heal(user: UserSandbox, helper: UserThread, state_dir: Path) -> tuple[str, bool, str]:
     """Heal the replaced link the way the daemon will: facts and expectations read as the user."""
     path = str(user.config_dir / UNIT)
     dirs = (UnitDir(str(user.config_dir), Tier.CONFIG, 0),)
     generation = await helper.generation(str(user.home), dirs)
     examined = (await helper.facts([path]))[path]
     finding = Finding(FindingKind.LINK_REPLACED, UNIT, path, "critical", "divergent")
-    outcome = await heal_as_user(
-        helper,
-        state_dir=str(state_dir),
-        home=str(user.home),
-        finding=finding,
-        examined=examined,
-        expected=generation.links[path],
-        unit_dirs=dirs,
-    )
+    healer = Healer(str(state_dir), str(user.home))
+    outcome = await helper.run(healer.heal, finding, examined, generation.links[path], dirs)
     return generation.links[path].target, outcome.ok, outcome.detail
 
 
@@ -69,10 +62,10 @@ def _owners(top: Path) -> set[int]:
 
 
 class TestHealAsUser:
-    """The heal operation is Healer.heal, run with the user's uid and gids."""
+    """Healer.heal, run on the thread holding the user's filesystem uid and gids."""
 
     async def test_everything_it_creates_belongs_to_the_user(
-        self, user: UserSandbox, helper: UserHelper
+        self, user: UserSandbox, helper: UserThread
     ) -> None:
         """The new link, the quarantine tree, the moved file and its sidecar are the user's."""
         state_dir = user.home / ".local/state/provenanced"
@@ -88,7 +81,7 @@ class TestHealAsUser:
         assert stat.S_IMODE(quarantine.stat().st_mode) == 0o700
 
     async def test_a_planted_link_redirects_nothing(
-        self, host_sandbox: HostSandbox, user: UserSandbox, helper: UserHelper
+        self, host_sandbox: HostSandbox, user: UserSandbox, helper: UserThread
     ) -> None:
         """Quarantine linked by the user into a root-owned dir: the move is refused, the file stays."""
         elsewhere = host_sandbox.root / f"root-owned-{user.account.name}"

@@ -119,9 +119,22 @@ def telemetry(shared_status: _Status) -> Telemetry:
 @pytest.fixture(scope="module")
 def server(telemetry: Telemetry, shared_status: _Status) -> Iterator[HttpServer]:
     """One server for the module: stopping one waits out serve_forever's 0.5 s poll."""
-    endpoint = start_http_server("127.0.0.1:0", telemetry.registry, shared_status)
+    endpoint = start_http_server(
+        "127.0.0.1:0", telemetry.registry, shared_status, version=lambda: telemetry.version
+    )
     yield endpoint
     endpoint.stop()
+
+
+class _CountingCollector:
+    """Yields nothing; counts how often the registry was rendered."""
+
+    def __init__(self) -> None:
+        self.renders = 0
+
+    def collect(self) -> Iterator[Any]:
+        self.renders += 1
+        return iter(())
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -221,6 +234,40 @@ class TestEndpoints:
 
 # 20 header lines of 1 KB: each is short and they are few, but together over the 16 KiB head.
 _PADDED_HEADERS = b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"a" * 1000) for i in range(20))
+
+
+class TestMetricsRendering:
+    def test_rendered_once_per_change_not_per_scrape(self) -> None:
+        """Scrapes between changes get the same bytes; a counter or the status moving re-renders."""
+        status = _Status()
+        telemetry = Telemetry(status)
+        counting = _CountingCollector()
+        telemetry.registry.register(counting)
+        endpoint = start_http_server(
+            "127.0.0.1:0", telemetry.registry, status, version=lambda: telemetry.version
+        )
+        try:
+            first = _request(endpoint.address, "/metrics").body
+            assert _request(endpoint.address, "/metrics").body == first
+            assert counting.renders == 1
+
+            telemetry.record_overflow()
+            assert b"provenanced_inotify_overflows_total 1.0" in (
+                _request(endpoint.address, "/metrics").body
+            )
+            status.value = DaemonStatus(findings=(_finding(),))
+            assert b'provenanced_finding{kind="link-replaced"' in (
+                _request(endpoint.address, "/metrics").body
+            )
+            assert counting.renders == 3
+
+            # Each format keeps its own bytes: gzip is not served to a client that did not ask.
+            zipped = _request(endpoint.address, "/metrics", headers={"Accept-Encoding": "gzip"})
+            assert b'kind="link-replaced"' in gzip.decompress(zipped.body)
+            assert b'kind="link-replaced"' in _request(endpoint.address, "/metrics").body
+            assert counting.renders == 4
+        finally:
+            endpoint.stop()
 
 
 class TestAbuse:
@@ -869,3 +916,35 @@ class TestJournalLogging:
         assert entry["PRIORITY"] == "4"
         assert entry["UNIT"] == "a.service"
         assert entry["SYSLOG_IDENTIFIER"] == "provenanced"
+
+
+class TestHostModeEndpoints:
+    """One endpoint for every user: ?user= picks one user's findings, /-/ready waits for all."""
+
+    def test_findings_per_user_and_readiness_of_all(self) -> None:
+        """?user=NAME answers that user's document, an unknown user 404, no user all of them."""
+        finding = _finding("a.service")
+        statuses = {
+            "alice": DaemonStatus(findings=(finding,), ready=True, manager_connected=True),
+            "bob": DaemonStatus(units_audited=3),
+        }
+        endpoint = start_http_server(
+            "127.0.0.1:0", Telemetry(lambda: statuses, host=True).registry, lambda: statuses
+        )
+        try:
+            alice = json.loads(_request(endpoint.address, "/api/v1/findings?user=alice").body)
+            assert alice == {
+                "user": "alice",
+                "units": 0,
+                "findings": [finding.to_json()],
+                "stale": False,
+            }
+            assert _request(endpoint.address, "/api/v1/findings?user=carol").status == 404
+            every = json.loads(_request(endpoint.address, "/api/v1/findings").body)
+            assert sorted(every["users"]) == ["alice", "bob"]
+            ready = _request(endpoint.address, "/-/ready")
+            assert (ready.status, ready.body) == (503, b"not ready: waiting for bob\n")
+            metrics = _request(endpoint.address, "/metrics").body.decode()
+            assert 'provenanced_ready{user="alice"} 1.0' in metrics
+        finally:
+            endpoint.stop()

@@ -91,25 +91,25 @@ def _key(section: tuple[str, ...], name: str, field: FieldInfo) -> Key:
     return Key(
         section=section,
         name=name,
-        type=describe_type(field.annotation) + _constraints(field),
+        type=type_name(field.annotation) + _constraints(field),
         default=_UNSET if default is None else toml_value(default),
         description=field.description or "",
     )
 
 
-def describe_type(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     """A reader's name for a field type: ``float``, ``list of strings``, ``"a" | "b"``."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin in (Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
-        named = " | ".join(describe_type(a) for a in rest)
+        named = " | ".join(type_name(a) for a in rest)
         return f"{named} (optional)" if len(rest) < len(args) else named
     if origin in (tuple, list):
-        return f"list of {describe_type(args[0])}s"
+        return f"list of {type_name(args[0])}s"
     if origin is dict:
-        return f"table: {describe_type(args[0])} → {describe_type(args[1])}"
+        return f"table: {type_name(args[0])} → {type_name(args[1])}"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return "drift kind"
     names = {str: "string", float: "float", int: "integer", bool: "boolean", Path: "path"}

@@ -3,6 +3,9 @@
 Everything runs in a sandbox (``provenanced.sandbox``): a private ``systemd --user`` over a fake
 Home Manager generation, never the caller's own manager. Ctrl-C or SIGTERM stops the daemon, the
 sandbox and the journald we started, in that order, and leaves nothing running.
+
+Over 400 lines on purpose: the scenario is one script, its steps read top to bottom as the demo
+prints them.
 """
 
 from __future__ import annotations

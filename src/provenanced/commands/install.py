@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from provenanced import __version__
+from provenanced.commands.portcheck import check_port
 from provenanced.errors import ManagerCallError, ProvenancedError
 from provenanced.expect.baseline import (
     BASELINE_FILE,
@@ -90,6 +91,15 @@ def console_script(
         f"cannot find the installed {SCRIPT} console script (looked at {', '.join(candidates)}); "
         "install the package with pip first"
     )
+
+
+def socket_listen() -> str:
+    """The address the packaged provenanced.socket listens on (its ListenStream=)."""
+    for line in packaged_unit(SOCKET).splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ListenStream" and value.strip():
+            return value.strip()
+    raise InstallError(f"the packaged {SOCKET} has no ListenStream=")
 
 
 def exec_path(script: Path) -> str:
@@ -213,16 +223,21 @@ async def install(
     now: bool = False,
     script: Path | None = None,
     state_dir: str | None = None,
+    listen: str | None = None,
 ) -> Outcome:
     """Write (or update) the units, enable them, reload, and with ``now`` (re)start them.
 
     Args:
         state_dir: where the baseline lives; when one exists, say it needs re-accepting.
+        listen: the address the service will bind; refused before anything is written when
+            another user already listens on its port.
     """
     directory = unit_dir(env)
     script = script or console_script()
     names = [SERVICE, SOCKET] if socket else [SERVICE]
     check_free(directory, [SERVICE, SOCKET])
+    if listen is not None:
+        check_port(listen, os.getuid())
     outcome = Outcome()
     had_baseline = state_dir is not None and _baseline_exists(state_dir)
     socket_removed = not socket and ownership(directory / SOCKET) == "ours"

@@ -6,8 +6,9 @@ import posixpath
 
 from provenanced.core.unitpath import UserDirs
 
-# Directories a vendor package fills: a source there is vouched for like a vendor-tier unit.
-_VENDOR_PREFIXES = ("/usr/", "/lib/")
+# A vendor package's directories, and the kernel's virtual file systems: vouched for by
+# construction, like a vendor-tier unit.
+_VENDOR_PREFIXES = ("/usr/", "/lib/", "/proc/", "/sys/")
 
 
 def quadlet_source_dirs(dirs: UserDirs, uid: int) -> tuple[str, ...]:
@@ -30,5 +31,9 @@ def quadlet_source_dirs(dirs: UserDirs, uid: int) -> tuple[str, ...]:
 
 
 def is_vendor_source(path: str) -> bool:
-    """A source a distribution package installs, vouched for like the vendor tier."""
+    """A source the system itself provides, vouched for like the vendor tier.
+
+    A distribution package's file under /usr, or the kernel's own tables: the manager's mount and
+    swap units name ``/proc/self/mountinfo`` and ``/proc/swaps`` as their SourcePath.
+    """
     return path.startswith(_VENDOR_PREFIXES)

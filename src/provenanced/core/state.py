@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from provenanced.core.audit import definition_hash
 from provenanced.core.incremental import IncrementalAudit
 from provenanced.core.jobs import JobFindings
+from provenanced.core.layered import LayeredMap, changed
 from provenanced.core.transitions import Key, diff
 from provenanced.core.vouching import expectations
 from provenanced.model import (
     BaselineEntry,
+    DaemonStatus,
     Expectations,
     Finding,
     FindingKind,
@@ -21,6 +24,7 @@ from provenanced.model import (
     PackageIndex,
     ServiceResult,
     Transition,
+    UnitRecord,
     frozen_map,
 )
 
@@ -44,6 +48,27 @@ class Reading:
     packages: PackageIndex | None = None  # read on full re-reads only; None: no database
 
 
+class _LoadStates:
+    """Units by LoadState, counted once per full observation and then adjusted by each change."""
+
+    def __init__(self) -> None:
+        self._base: Mapping[str, UnitRecord] | None = None
+        self._base_counts: Counter[str] = Counter()
+
+    def count(self, units: Mapping[str, UnitRecord]) -> Mapping[str, int]:
+        base, layer = (units.base, units.layer()) if isinstance(units, LayeredMap) else (units, ())
+        if base is not self._base:
+            self._base, self._base_counts = base, Counter(u.load_state for u in base.values())
+        counts = self._base_counts.copy()
+        for name, record in layer:
+            old = base.get(name)
+            if old is not None:
+                counts[old.load_state] -= 1
+            if record is not None:
+                counts[record.load_state] += 1
+        return frozen_map({state: n for state, n in counts.items() if n > 0})
+
+
 class AuditState:
     """The observation, the expectations, the incremental audit and the open findings of one manager.
 
@@ -63,7 +88,9 @@ class AuditState:
         self._audit: IncrementalAudit | None = None
         # Each unit's definition hash when the manager last loaded it: the mtime-blind reference.
         self._loaded_hashes: dict[str, str] = {}
+        self._published_hashes: Mapping[str, str] = frozen_map()  # what the last observation saw
         self._jobs = JobFindings()
+        self._load_states = _LoadStates()
 
     @property
     def expectations(self) -> Expectations:
@@ -82,6 +109,16 @@ class AuditState:
     def has_open(self, kind: FindingKind) -> bool:
         """Whether any finding of ``kind`` is open."""
         return any(key[0] is kind for key in self.findings)
+
+    def status(self, daemon: DaemonStatus) -> DaemonStatus:
+        """What to publish: ``daemon``'s own flags with the open findings and unit counts."""
+        units = self.observation.units if self.observation else frozen_map()
+        return replace(
+            daemon,
+            findings=tuple(self.findings.values()),
+            units_by_load_state=self._load_states.count(units),
+            units_audited=len(units),
+        )
 
     def accept_baseline(self, accepted: Mapping[str, BaselineEntry]) -> None:
         """Judge against this baseline from the next update on."""
@@ -137,12 +174,18 @@ class AuditState:
                 self._loaded_hashes = {}
             for name, unit in obs.units.items():
                 self._loaded_hashes.setdefault(name, definition_hash(unit, obs.facts))
+            self._published_hashes = frozen_map(self._loaded_hashes)
         else:
+            gone: list[str] = []
+            added: dict[str, str] = {}
             for name in reading.touched.units:
                 record = obs.units.get(name)
                 if record is None:
-                    self._loaded_hashes.pop(name, None)
-                else:
+                    if self._loaded_hashes.pop(name, None) is not None:
+                        gone.append(name)
+                elif name not in self._loaded_hashes:
                     # A unit seen for the first time: what is on disk now is the reference.
-                    self._loaded_hashes.setdefault(name, definition_hash(record, obs.facts))
-        return replace(obs, loaded_hashes=frozen_map(self._loaded_hashes))
+                    added[name] = self._loaded_hashes[name] = definition_hash(record, obs.facts)
+            # The published map is layered over the last one: a change does not copy every hash.
+            self._published_hashes = changed(self._published_hashes, added, gone)
+        return replace(obs, loaded_hashes=self._published_hashes)

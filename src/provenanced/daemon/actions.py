@@ -7,6 +7,8 @@ import fnmatch
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from functools import partial
 
 import structlog
 
@@ -102,9 +104,17 @@ class Actions:
     """
 
     def __init__(
-        self, policy: PolicySettings, healer: Healer, telemetry: Telemetry, journal: JournalSink
+        self,
+        policy: PolicySettings,
+        healer: Healer,
+        telemetry: Telemetry,
+        journal: JournalSink,
+        executor: Executor | None = None,
     ) -> None:
         self.policy = policy
+        # Host mode heals on the thread holding the user's credentials; user mode on the loop.
+        self._executor = executor
+        self._healing = asyncio.Lock()  # one consider at a time heals: no file is healed twice
         self.gate = ReloadGate(policy)
         self.last_change = time.monotonic()  # the reload's quiet window restarts at each change
         self._healer = healer
@@ -131,7 +141,7 @@ class Actions:
         """Act by a new policy from now on; the reload budget already spent stays spent."""
         self.policy, self.gate = policy, ReloadGate(policy, self.gate.history)
 
-    def consider(self, state: AuditState) -> list[HealOutcome]:
+    async def consider(self, state: AuditState) -> list[HealOutcome]:
         """Wake the reloader for stale loads; heal what is due; return what each heal did."""
         if self.held:
             return []  # the activation relinks and reloads itself: never fight it
@@ -140,9 +150,9 @@ class Actions:
         # A file is healed once per version: a finding that stays open while its file is
         # replaced again (or a heal that lost a race) gets another attempt, a stuck one does not.
         self._heal_tried = {k: v for k, v in self._heal_tried.items() if k in state.findings}
-        return [
-            self._heal(f, state) for f in list(state.findings.values()) if self._heal_due(f, state)
-        ]
+        async with self._healing:
+            due = [f for f in list(state.findings.values()) if self._heal_due(f, state)]
+            return [await self._heal(f, state) for f in due]
 
     def _heal_due(self, finding: Finding, state: AuditState) -> bool:
         obs = state.observation
@@ -151,14 +161,23 @@ class Actions:
             finding.key
         ) != _identity(fact)
 
-    def _heal(self, finding: Finding, state: AuditState) -> HealOutcome:
+    async def _heal(self, finding: Finding, state: AuditState) -> HealOutcome:
         obs = state.observation
         expected = state.expectations.home_manager_links.get(finding.path)
         fact = obs.facts.get(finding.path) if obs else None
         self._heal_tried[finding.key] = _identity(fact)
-        outcome = self._healer.heal(
-            finding, fact, expected, obs.unit_dirs if obs else (), self.policy.quiet_window
+        heal = partial(
+            self._healer.heal,
+            finding,
+            fact,
+            expected,
+            obs.unit_dirs if obs else (),
+            self.policy.quiet_window,
         )
+        if self._executor is None:
+            outcome = heal()
+        else:
+            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, heal)
         if outcome.retry_in is not None:
             # Still being written, or changed within the quiet window: this version is not
             # tried yet, and the engine asks again after ``retry_in``.

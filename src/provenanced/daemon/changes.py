@@ -5,6 +5,12 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
+from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
+from provenanced.core.unitpath import UserDirs
+from provenanced.daemon.activation import PROFILE
+from provenanced.expect import baseline
+from provenanced.expect.generation import GCROOT
+from provenanced.expect.packages import PackageDatabase
 from provenanced.fs.watch import Overflow, PathChanged, WatchEvent, WatchLimitReached
 from provenanced.systemd import events
 
@@ -60,6 +66,7 @@ class WatchedPlaces:
     gcroots_dir: str
     packages_dir: str | None = None  # the package database's directory, when there is one
     packages_files: frozenset[str] = frozenset()  # the entries whose change is a new database
+    source_dirs: tuple[str, ...] = ()  # generated units' sources: their changes are path changes
     profile: str | None = None  # Home Manager's profile link: the CLI moves it first
 
     @property
@@ -67,7 +74,26 @@ class WatchedPlaces:
         """The directories to watch besides the unit directories."""
         packages = (self.packages_dir,) if self.packages_dir is not None else ()
         profiles = (posixpath.dirname(self.profile),) if self.profile is not None else ()
-        return (self.gcroots_dir, self.state_dir, *packages, *profiles)
+        return (self.gcroots_dir, self.state_dir, *packages, *self.source_dirs, *profiles)
+
+
+def watched_places(
+    state_dir: str, dirs: UserDirs, uid: int, packages: PackageDatabase | None
+) -> WatchedPlaces:
+    """What is watched beside the unit directories: state, gcroots, the package database, and
+    generated units' sources (not the distribution's: vouched for by construction)."""
+    gcroots = posixpath.dirname(posixpath.join(dirs.home, GCROOT))
+    packages_dir, packages_files = packages.watched if packages else (None, frozenset[str]())
+    sources = tuple(d for d in quadlet_source_dirs(dirs, uid) if not is_vendor_source(d))
+    return WatchedPlaces(
+        state_dir,
+        baseline.BASELINE_FILE,
+        gcroots,
+        packages_dir,
+        packages_files,
+        sources,
+        posixpath.join(dirs.home, PROFILE),
+    )
 
 
 def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change | None:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import posixpath
-import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from provenanced.config import Settings
-from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
 from provenanced.daemon.activation import Activation
@@ -25,25 +22,27 @@ from provenanced.daemon.changes import (
     FullResync,
     PathChanged,
     UnitChanged,
-    WatchedPlaces,
     change_for_signal,
     change_for_watch_event,
+    watched_places,
 )
+from provenanced.daemon.connection import follow_manager
 from provenanced.daemon.heal import Healer
+from provenanced.daemon.jobs import JobVerifier
 from provenanced.daemon.observer import Observer, baseline_facts, user_dirs
-from provenanced.errors import ManagerCallError, ManagerUnreachableError, StateError
+from provenanced.daemon.tasks import run_until
+from provenanced.daemon.watches import Watches
+from provenanced.errors import ManagerCallError
 from provenanced.expect import baseline
-from provenanced.expect.generation import GCROOT
 from provenanced.expect.packages import open_database
 from provenanced.fs.facts import FactReader
-from provenanced.fs.watch import Overflow, UnitDirWatcher, WatchEvent, WatchLimitReached
-from provenanced.model import DaemonStatus, JobChecks, Observation, Transition, frozen_map
+from provenanced.fs.watch import WatchEvent, WatchLimitReached
+from provenanced.model import DaemonStatus, JobChecks, Transition
 from provenanced.sinks.alerts import Alerts
 from provenanced.sinks.journal import JournalSink
 from provenanced.sinks.metrics import Telemetry
 from provenanced.systemd import manager
-from provenanced.systemd.bus import ManagerConnection, resolve_address
-from provenanced.systemd.checks import ChecksSeen
+from provenanced.systemd.bus import ManagerConnection
 
 log = structlog.get_logger("provenanced.engine")
 
@@ -51,10 +50,6 @@ log = structlog.get_logger("provenanced.engine")
 _RETRY_DELAY = 1.0
 # How often a held activation is looked at again when no event comes.
 _ACTIVATION_LOOK = 0.5
-
-
-class _Shutdown(Exception):
-    """Raised inside the task group to end it when ``stop`` is set."""
 
 
 class Engine:
@@ -66,16 +61,27 @@ class Engine:
         telemetry: Telemetry,
         journal: JournalSink,
         env: Mapping[str, str] = os.environ,
+        *,
+        executor: Executor | None = None,
+        state_dir: str | None = None,
+        uid: int | None = None,
     ) -> None:
+        """Host mode passes ``executor`` (the user's thread: every file read and heal runs
+        there), a ``state_dir`` of the daemon's (quarantine stays in the user's own state dir)
+        and the user's ``uid``, the owner their unit files should have.
+        """
         self.settings = settings
         self.telemetry = telemetry
         self.env = dict(env)
         self.dirs = user_dirs(env)
-        self.state_dir = settings.resolved_state_dir(env)
+        self.state_dir = state_dir or settings.resolved_state_dir(env)
         self.state = AuditState(settings.provenance.managed_roots)
         self.alerts = Alerts(journal, telemetry, settings.policy.alert_min_interval)
-        healer = Healer(self.state_dir, self.dirs.home)
-        self.actions = Actions(settings.policy, healer, telemetry, journal)
+        healer = Healer(settings.resolved_state_dir(env), self.dirs.home)
+        self._executor = executor
+        self._uid = os.getuid() if uid is None else uid
+        self.actions = Actions(settings.policy, healer, telemetry, journal, executor)
+        self.jobs = JobVerifier(self.state, telemetry, journal)
         self.ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.status = DaemonStatus()
@@ -84,55 +90,44 @@ class Engine:
         self._conn: ManagerConnection | None = None
         self._observer: Observer | None = None
         self._reader = FactReader()  # its hash cache outlives connections
-        self._watcher: UnitDirWatcher | None = None
-        self._degraded = asyncio.Event()  # the watcher ran out of watches: shorten the backstop
         self._transport = ""
         self._manager_reloading = False
-        self._checks = ChecksSeen()
         self._behind = False  # a re-read failed; the findings wait for its retry
         # One re-read at a time: a partial one started from the observation a concurrent full
         # resync (a reconnect) replaces would land after it and undo it.
         self._reading = asyncio.Lock()
-        self._baseline_stamp: tuple[int, int, int, int] | None = None
-        gcroots = posixpath.dirname(posixpath.join(self.dirs.home, GCROOT))
-        provenance = settings.provenance
+        self._baseline = baseline.BaselineFile(self.state_dir)
         # Outlives connections, like the hash cache: it re-reads only the info files that changed.
-        self._packages = open_database(provenance.packages, provenance.package_root)
-        packages_dir, packages_files = (
-            self._packages.watched if self._packages is not None else (None, frozenset[str]())
-        )
         self.activation = Activation(self.dirs.home, settings.policy.activation_timeout)
-        self._places = WatchedPlaces(
-            self.state_dir,
-            baseline.BASELINE_FILE,
-            gcroots,
-            packages_dir,
-            packages_files,
-            self.activation.profile,
+        self._packages = open_database(
+            settings.provenance.packages, settings.provenance.package_root
         )
+        self._places = watched_places(self.state_dir, self.dirs, self._uid, self._packages)
+        self.watches = Watches(self._places.extra_dirs, self._on_watch_event, telemetry, executor)
         self._tg: asyncio.TaskGroup | None = None
         self._heal_retry_due = False  # a deferred heal's next look is already scheduled
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every loop until ``stop`` is set; a crashed loop ends the engine."""
         try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                tg.create_task(self.follow_manager(), name="manager.follow")
-                tg.create_task(self.reconcile_changes(), name="engine.reconcile")
-                tg.create_task(self.alerts.send_held(), name="alerts.flush")
-                reloads = self.actions.reload_when_stale(self.state, lambda: self._conn)
-                tg.create_task(reloads, name="actions.reload")
-                tg.create_task(self.resync_periodically(), name="engine.backstop")
-                await stop.wait()
-                raise _Shutdown
-        except* _Shutdown:
-            pass
+            await run_until(stop, self._start_loops)
         finally:
-            if self._watcher is not None:
-                self._watcher.close()
+            self.watches.close()
             if self._conn is not None:
                 await self._conn.close()
+
+    def _start_loops(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        on_call = self.telemetry.record_dbus_call
+        manager_settings = lambda: self.settings.manager  # noqa: E731 - read anew at each connect
+        links = follow_manager(manager_settings, self.env, on_call, self._connected, self._lost)
+        tg.create_task(links, name="manager.follow")
+        tg.create_task(self.reconcile_changes(), name="engine.reconcile")
+        tg.create_task(self.alerts.send_held(), name="alerts.flush")
+        reloads = self.actions.reload_when_stale(self.state, lambda: self._conn)
+        tg.create_task(reloads, name="actions.reload")
+        backstop = self.watches.backstop(lambda: self.settings.policy, self._backstop)
+        tg.create_task(backstop, name="engine.backstop")
 
     def follow_settings(self, settings: Settings) -> None:
         """Take a reloaded configuration's policy and provenance sections, and look again."""
@@ -142,10 +137,7 @@ class Engine:
             # Watched places stay as they were: a database added here is read at each resync.
             self._packages = open_database(provenance.packages, provenance.package_root)
             if self._observer is not None:
-                self._observer.managed_roots = provenance.managed_roots
-                self._observer.read_home_manager = provenance.home_manager
-                self._observer.packages = self._packages
-                self._observer.system_root = provenance.package_root
+                self._observer.follow(provenance, self._packages)
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
@@ -163,152 +155,72 @@ class Engine:
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
-        obs = self.state.observation
-        load_states: dict[str, int] = {}
-        for unit in obs.units.values() if obs else ():
-            load_states[unit.load_state] = load_states.get(unit.load_state, 0) + 1
-        self.status = DaemonStatus(
-            findings=self.activation.published(self.state.findings),
-            units_by_load_state=frozen_map(load_states),
-            manager_connected=self.connected.is_set(),
+        connected = self.connected.is_set()
+        flags = DaemonStatus(
+            manager_connected=connected,
             transport=self._transport,
             ready=self.ready.is_set(),
-            behind=self._behind or not self.connected.is_set(),
-            degraded=bool(self._watcher and self._watcher.degraded),
-            inotify_watches=self._watcher.watch_count if self._watcher else 0,
+            behind=self._behind or not connected,
+            degraded=self.watches.degraded,
+            inotify_watches=self.watches.count,
             last_full_resync=self.status.last_full_resync,
-            units_audited=len(obs.units) if obs else 0,
             activation_in_progress=self.activation.reason is not None,
             activation_stuck=self.activation.stuck,
         )
+        # While an activation runs, what was published before it stays published.
+        status = self.state.status(flags)
+        self.status = replace(status, findings=self.activation.published(self.state.findings))
 
-    # ---- the manager -----------------------------------------------------------------------
+    async def _connected(self, conn: ManagerConnection) -> None:
+        """Subscribe, resync in full, and say so."""
+        self._conn, self._transport = conn, conn.transport.kind
+        self._manager_reloading = False
+        self.jobs.connected()
+        await manager.subscribe(conn, self._on_signal)
+        self._observer = Observer(
+            conn, self.dirs, (), reader=self._reader, executor=self._executor, uid=self._uid
+        )
+        self._observer.follow(self.settings.provenance, self._packages)
+        await self._reread([FullResync("connected", time.monotonic(), True)])
+        self.connected.set()
+        self.publish()
 
-    async def follow_manager(self) -> None:
-        """Connect, subscribe, resync, wait for the connection to drop; back off and repeat."""
-        delay, cap = 0.5, self.settings.manager.reconnect_max_delay
-        while True:
-            address = self.settings.manager.bus_address or "(auto)"
-            try:
-                transport = resolve_address(self.settings.manager.bus_address, self.env)
-                address = transport.address
-                conn = await ManagerConnection.connect(
-                    transport,
-                    timeout=self.settings.manager.call_timeout,
-                    max_in_flight=self.settings.manager.max_in_flight,
-                    on_call=self.telemetry.record_dbus_call,
-                )
-                self._conn, self._transport = conn, transport.kind
-                self._manager_reloading = False
-                self._checks = ChecksSeen()  # jobs in flight on an old connection are unknown
-                await manager.subscribe(conn, self._on_signal)
-                provenance = self.settings.provenance
-                self._observer = Observer(
-                    conn,
-                    self.dirs,
-                    provenance.managed_roots,
-                    provenance.home_manager,
-                    self._reader,
-                    self._packages,
-                    provenance.package_root,
-                )
-                await self._reread([FullResync("connected", time.monotonic(), True)])
-                self.connected.set()
-                self.publish()
-                log.info("manager.connected", address=address, transport=transport.kind)
-                delay = 0.5
-                await conn.wait_for_disconnect()
-                log.warning("manager.disconnected", address=address)
-            except (ManagerUnreachableError, ManagerCallError) as exc:
-                log.warning("manager.unreachable", address=address, error=str(exc))
-            if self.connected.is_set():
-                self.alerts.journal.send_connection_lost(address, "connection closed")
-            self.connected.clear()
-            self.telemetry.record_reconnect()
-            if self._conn is not None:
-                await self._conn.close()
-                self._conn = self._observer = None
-            self.publish()
-            # Capped full jitter: many daemons restarting with one manager do not stampede it.
-            await asyncio.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, cap)
+    async def _lost(self, address: str) -> None:
+        """The connection dropped or never came: the findings may now be out of date."""
+        if self.connected.is_set():
+            self.alerts.journal.send_connection_lost(address, "connection closed")
+        self.connected.clear()
+        self.telemetry.record_reconnect()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = self._observer = None
+        self.publish()
 
     def _on_signal(self, event: manager.ManagerEvent) -> None:
-        announced = self._checks.observe(event)
+        announced = self.jobs.observe(event)
         if isinstance(event, manager.Reloading):
             self._manager_reloading = event.active
         change = change_for_signal(event, self._manager_reloading, time.monotonic())
         if change is not None:
             self._changes.put_nowait(change)
-        elif (
-            isinstance(event, manager.JobRemoved)
-            and event.unit.endswith(".service")
-            and event.result == "done"
-            and self._conn is not None
-        ):
+        elif self.jobs.wants(event) and self._conn is not None:
+            assert isinstance(event, manager.JobRemoved)
             # Verification needs D-Bus reads; it runs as its own small task of the loop.
-            self._spawn(self._verify_job(event, announced), "jobs.verify")
+            self._spawn(self._verify_job(self._conn, event, announced), "jobs.verify")
 
-    async def _verify_job(self, event: manager.JobRemoved, announced: JobChecks | None) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            result = await manager.get_service_result(conn, event.unit)
-        except ManagerCallError:
-            return
-        opened, transitions = self.state.record_job(
-            event.unit, event.job_id, event.result, result, time.time(), announced
-        )
-        if opened is not None:
-            self.telemetry.record_job_unverified()
-            self.alerts.journal.send_job_unverified(opened)
-        self._after(transitions)
-
-    # ---- files -----------------------------------------------------------------------------
-
-    def _start_watching(self, obs: Observation) -> None:
-        roots = tuple(d.path for d in obs.unit_dirs)
-        if self._watcher is not None and self._watcher.roots == roots:
-            degraded = self._watcher.degraded
-            self._watcher.refresh()
-            if degraded and not self._watcher.degraded:
-                log.info("inotify.watches_restored", watches=self._watcher.watch_count)
-            return
-        if self._watcher is not None:
-            self._watcher.close()
-        # Generated units' sources: a change there re-reads the units whose SourcePath it is.
-        # The distribution's are vouched for by construction: watching /usr/share buys nothing.
-        sources = [
-            d for d in quadlet_source_dirs(self.dirs, os.getuid()) if not is_vendor_source(d)
-        ]
-        self._watcher = UnitDirWatcher(roots, [*self._places.extra_dirs, *sources])
-        self._watcher.refresh()
-        self._spawn(self._watch_files(self._watcher), "fs.watch")
-
-    async def _watch_files(self, watcher: UnitDirWatcher) -> None:
-        with contextlib.suppress(ValueError, OSError):  # the watcher was closed and replaced
-            async for event in watcher.events():
-                self._on_watch_event(event)
+    async def _verify_job(
+        self, conn: ManagerConnection, event: manager.JobRemoved, announced: JobChecks | None
+    ) -> None:
+        await self._after(await self.jobs.verify(conn, event, announced))
 
     def _on_watch_event(self, event: WatchEvent) -> None:
-        if isinstance(event, Overflow):
-            self.telemetry.record_overflow()
-        elif isinstance(event, WatchLimitReached):
-            log.warning(
-                "inotify.watch_limit",
-                path=event.path,
-                fallback_interval=self.settings.policy.degraded_resync_interval,
-            )
-            self._degraded.set()
-            self.publish()
+        if isinstance(event, WatchLimitReached):
+            self.publish()  # degraded now
         change = change_for_watch_event(event, self._places)
         if isinstance(change, PathChanged):
             self.actions.last_change = time.monotonic()
         if change is not None:
             self._changes.put_nowait(change)
-
-    # ---- the loop --------------------------------------------------------------------------
 
     async def reconcile_changes(self) -> None:
         """Drain queued changes in one batch and re-read the least that covers them."""
@@ -346,16 +258,19 @@ class Engine:
             reading = await observer.read(batch, self.state.observation)
             full = reading.touched is None
             if full:
-                self._start_watching(reading.observation)
+                await self.watches.follow(reading.observation, self._spawn)
             if full or any(isinstance(c, BaselineChanged) for c in batch):
-                self._read_baseline(reading.observation)
+                obs = reading.observation
+                accepted = self._baseline.read_if_changed(lambda: baseline_facts(obs))
+                if accepted is not None:
+                    self.state.accept_baseline(accepted)
             transitions = self.state.update(reading, time.time())
             self.activation.follow(self.state, reading.manager_reloaded)
         if full:
             self._resynced(batch, time.monotonic() - started)
-        self._after(transitions)
+        await self._after(transitions)
 
-    def _after(self, transitions: list[Transition]) -> None:
+    async def _after(self, transitions: list[Transition]) -> None:
         was_holding = self.activation.holding
         verdict = self.activation.look(
             self.state, self.status.findings, transitions, time.monotonic()
@@ -368,7 +283,7 @@ class Engine:
             return
         transitions = verdict.transitions
         self.alerts.send(transitions)
-        outcomes = self.actions.consider(self.state)
+        outcomes = await self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
             # The placed links raise inotify events of their own; this makes sure a resync follows.
             self._changes.put_nowait(FullResync("healed", time.monotonic()))
@@ -387,12 +302,12 @@ class Engine:
             if unit is not None:
                 self._changes.put_nowait(UnitChanged(unit, time.monotonic()))
             else:
-                self._after([])
+                await self._after([])
 
     async def _consider_again(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self._heal_retry_due = False
-        self._after([])
+        await self._after([])
 
     def _resynced(self, batch: Sequence[Change], duration: float) -> None:
         self.resyncs += 1
@@ -400,47 +315,8 @@ class Engine:
         self.telemetry.observe_resync(duration)
         self.status = replace(self.status, last_full_resync=time.time())
         self.ready.set()
-        reasons = sorted({c.reason for c in batch if isinstance(c, FullResync)}) or [
-            "a unit directory changed"
-        ]
-        log.debug(
-            "engine.resynced",
-            reason=", ".join(reasons),
-            units=len(self.state.observation.units) if self.state.observation else 0,
-            seconds=round(duration, 4),
-        )
+        reasons = {c.reason for c in batch if isinstance(c, FullResync)} or {"unit directory"}
+        log.debug("engine.resynced", reason=", ".join(sorted(reasons)), seconds=round(duration, 4))
 
-    def _read_baseline(self, obs: Observation) -> None:
-        """Load the accepted baseline when it changed (record one from ``obs`` when there is none)."""
-        stamp = baseline.baseline_stamp(self.state_dir)
-        if stamp is not None and stamp == self._baseline_stamp:
-            return  # unchanged since last read: keep it, and the expectations built on it
-        try:
-            accepted = baseline.load_baseline(self.state_dir)
-        except StateError as exc:
-            log.error("baseline.unreadable", error=str(exc))
-            return
-        if accepted is None:
-            accepted = baseline.entries_from_facts(baseline_facts(obs))
-            try:
-                path = baseline.save_baseline(self.state_dir, accepted)
-                log.info("baseline.recorded", path=path, files=len(accepted))
-            except StateError as exc:
-                log.error("baseline.unwritable", error=str(exc))
-        self.state.accept_baseline(accepted)
-        # Stamped before the read, so a write racing it is read again next time.
-        self._baseline_stamp = stamp or baseline.baseline_stamp(self.state_dir)
-
-    async def resync_periodically(self) -> None:
-        """The backstop: a jittered full resync, more often in degraded (no watches) mode."""
-        while True:
-            policy = self.settings.policy
-            degraded = bool(self._watcher and self._watcher.degraded)
-            interval = policy.degraded_resync_interval if degraded else policy.resync_interval
-            # Losing the watches shortens the interval now, not after a sleep of the old length.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval * random.uniform(0.9, 1.1)):
-                    await self._degraded.wait()
-                    self._degraded.clear()
-                    continue
-            self._changes.put_nowait(FullResync("backstop", time.monotonic()))
+    def _backstop(self) -> None:
+        self._changes.put_nowait(FullResync("backstop", time.monotonic()))

@@ -14,7 +14,11 @@ def notify(*fields: str) -> bool:
     """Send one notification; a no-op (False) when not started by systemd with NOTIFY_SOCKET."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
-    return bool(daemon.notify("\n".join(fields)))
+    try:
+        return bool(daemon.notify("\n".join(fields)))
+    except OSError:
+        # The socket is gone (the manager went away): there is no one to tell; carry on.
+        return False
 
 
 def ready(status: str) -> None:

@@ -1,4 +1,8 @@
-"""Every read of the manager and the disk: a full observation, or the part a batch of changes touched."""
+"""Every read of the manager and the disk: a full observation, or the part a batch of changes touched.
+
+Over 400 lines on purpose: the observer owns every read of the manager and the disk, full and
+partial, so what a change costs is visible in one file.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,18 @@ import asyncio
 import fnmatch
 import os
 import posixpath
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TypeVar
 
 import structlog
 
+from provenanced.config import ProvenanceSettings
 from provenanced.core.index import PathIndex
+from provenanced.core.layered import LayeredSet, changed
 from provenanced.core.sources import quadlet_source_dirs
 from provenanced.core.state import Reading, Touched
 from provenanced.core.unitpath import (
@@ -42,6 +52,7 @@ from provenanced.systemd import manager
 from provenanced.systemd.bus import ManagerConnection
 from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
 
+T = TypeVar("T")
 log = structlog.get_logger("provenanced.observer")
 
 
@@ -122,11 +133,21 @@ class Observer:
     packages: PackageDatabase | None = None
     system_root: str = "/"  # where the package database's vendor directories live
     md5: Md5Reader = field(default_factory=Md5Reader)
+    # Where file reads run; host mode passes the thread holding the user's credentials.
+    executor: Executor | None = None
+    uid: int = field(default_factory=os.getuid)  # whose unit files these are (host mode: the user)
     _generation: HomeManagerGeneration = field(default_factory=HomeManagerGeneration)
     _package_index: PackageIndex | None = None
     _package_key: object = None  # the database stamp and directories the index was read for
     _index: PathIndex = field(default_factory=PathIndex)
     _indexed: Mapping[str, UnitRecord] | None = None  # the units the index describes
+
+    def follow(self, provenance: ProvenanceSettings, packages: PackageDatabase | None) -> None:
+        """Read by a reloaded configuration's provenance section from now on."""
+        self.managed_roots = provenance.managed_roots
+        self.read_home_manager = provenance.home_manager
+        self.packages = packages
+        self.system_root = provenance.package_root
 
     async def unit_dirs(self) -> tuple[UnitDir, ...]:
         """The manager's UnitPath as tiered directories."""
@@ -173,19 +194,21 @@ class Observer:
         """
         unit_dirs = await self.unit_dirs()
         if self.read_home_manager:
-            self._generation = await asyncio.to_thread(
+            self._generation = await self._off_loop(
                 read_generation,
                 self.dirs.home,
                 unit_dirs,
                 self.reader,
                 self._generation,
-                quadlet_source_dirs(self.dirs, os.getuid()),
+                quadlet_source_dirs(self.dirs, self.uid),
             )
         else:
             self._generation = HomeManagerGeneration()
         generation = self._generation
         packages = self.read_packages(unit_dirs, keep=keep_packages)
-        scanned = scan_files(unit_dirs, packages.dirs if packages is not None else ())
+        scanned = await self._off_loop(
+            scan_files, unit_dirs, packages.dirs if packages is not None else ()
+        )
         # Only units the manager holds already are read: loading one makes it read the files,
         # work it would not do on its own. Unit files nothing loaded are judged from disk.
         names = [u.name for u in await manager.list_units(self.conn)]
@@ -203,8 +226,8 @@ class Observer:
             units=frozen_map(records),
             facts=frozen_map(facts),
             unit_dirs=unit_dirs,
-            uid=os.getuid(),
-            scanned_files=frozenset(scanned),
+            uid=self.uid,
+            scanned_files=LayeredSet.of(scanned),
         )
         return obs, generation
 
@@ -245,11 +268,14 @@ class Observer:
         return index
 
     async def _read_touched(self, batch: Sequence[Change], since: Observation) -> Reading:
+        # Only what changed is built anew: the maps and the scan of ``since`` are layered over,
+        # never copied, so a change costs the same at 100 units and at 10,000.
         if since.units is not self._indexed:
             self._index = PathIndex.build(since.units.values())
         obs = since
         dirs = {d.path: d for d in obs.unit_dirs}
-        scanned = set(obs.scanned_files)
+        unscanned: set[str] = set()  # left the scan
+        rescanned: set[str] = set()  # (back) in the scan
         paths: set[str] = set()
         for change in batch:
             if not isinstance(change, PathChanged) or not change.path:
@@ -258,11 +284,10 @@ class Observer:
                 raise _UnitDirChanged(change.path)
             paths.add(change.path)
             if change.is_dir:
-                inside = {p for p in scanned if p.startswith(change.path + "/")}
+                inside = {p for p in obs.scanned_files if p.startswith(change.path + "/")}
                 paths |= inside
-                scanned -= inside
-        facts = dict(obs.facts)
-        facts.update(await self.read_paths(paths, {u.source_path for u in obs.units.values()}))
+                unscanned |= inside
+        facts = await self.read_paths(paths, self._sources_among(paths, obs.units))
         # The last signal about a unit wins: loaded then unloaded is gone, and the reverse is back.
         last = {c.name: c.unloaded for c in batch if isinstance(c, UnitChanged)}
         unloaded = {name for name, gone in last.items() if gone}
@@ -275,33 +300,43 @@ class Observer:
                 loc.unit_dir.tier in AUDITED_TIERS or loc.unit_dir.path in packaged
             ):
                 if fact.kind in (FileKind.FILE, FileKind.SYMLINK):
-                    scanned.add(path)
+                    rescanned.add(path)
+                    unscanned.discard(path)
                 else:
-                    scanned.discard(path)
+                    unscanned.add(path)
+                    rescanned.discard(path)
             # A unit file nothing loaded is judged from disk alone; the manager is not asked.
             affected |= {n for n in self._index.affected(path, dirs) if n in obs.units}
-        units = dict(obs.units)
-        for name in unloaded - affected:
-            old = units.pop(name, None)
-            if old is not None:
-                self._index.remove(old)
+        dropped = unloaded - affected
         affected -= unloaded
         records = await manager.get_unit_records(self.conn, sorted(affected))
         facts.update(await self.read_facts(records.values(), (), ()))
         # Re-read definition files may be shared with units outside ``affected``: all count as changed.
         paths.update(p for record in records.values() for p in _own_paths(record))
-        for name in affected:
-            old = units.pop(name, None)
+        for name in dropped | affected:
+            old = obs.units.get(name)
             if old is not None:
                 self._index.remove(old)
         for record in records.values():
-            units[record.name] = record
             self._index.add(record)
         obs = replace(
-            obs, units=frozen_map(units), facts=frozen_map(facts), scanned_files=frozenset(scanned)
+            obs,
+            units=changed(obs.units, records, dropped | affected),
+            facts=changed(obs.facts, facts),
+            scanned_files=_layered(obs.scanned_files).changed(rescanned, unscanned),
         )
         self._indexed = obs.units
         return Reading(obs, Touched(frozenset(paths), frozenset(affected | unloaded)))
+
+    def _sources_among(self, paths: Iterable[str], units: Mapping[str, UnitRecord]) -> set[str]:
+        """Which of ``paths`` a loaded unit was generated from, found through the index: a
+        change does not collect every unit's source."""
+        return {
+            path
+            for path in paths
+            for name in self._index.by_path.get(path, ())
+            if (unit := units.get(name)) is not None and unit.source_path == path
+        }
 
     async def read_facts(
         self, records: Iterable[UnitRecord], scanned: Iterable[str], expected: Iterable[str]
@@ -321,7 +356,11 @@ class Observer:
 
         ``sources`` are generated units' sources, hashed although not named like units.
         """
-        return await asyncio.to_thread(self._read, sorted(paths), sources)
+        return await self._off_loop(self._read, sorted(paths), sources)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the executor (a worker thread by default)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
     def _read(self, paths: Iterable[str], sources: Collection[str]) -> dict[str, FileFact]:
         """Facts, with the MD5 a package database checks where it has one for the file."""
@@ -349,6 +388,10 @@ def _as_before(obs: Observation, since: Observation, index: PackageIndex) -> Obs
 def _own_paths(record: UnitRecord) -> tuple[str, ...]:
     """The files a unit is made of: its definition files and the source it was generated from."""
     return (*record.definition_paths, *filter(None, [record.source_path]))
+
+
+def _layered(scan: AbstractSet[str]) -> LayeredSet[str]:
+    return scan if isinstance(scan, LayeredSet) else LayeredSet.of(scan)
 
 
 def baseline_facts(obs: Observation) -> list[FileFact]:

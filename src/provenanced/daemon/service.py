@@ -15,6 +15,7 @@ from provenanced.config import Settings, load_settings
 from provenanced.daemon import notify
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
+from provenanced.daemon.tasks import run_until
 from provenanced.model import DaemonStatus
 from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
 from provenanced.sinks.journal import JournalSink
@@ -24,10 +25,6 @@ log = structlog.get_logger("provenanced.daemon")
 
 # Sections whose change needs a restart: they shape connections and sockets made at start.
 _RESTART_SECTIONS = ("state_dir", "manager", "metrics", "log")
-
-
-class _Shutdown(Exception):
-    """Raised inside the task group to end it when ``stop`` is set."""
 
 
 def _tls(settings: Settings) -> TlsFiles | None:
@@ -70,6 +67,7 @@ class Daemon:
             tls=_tls(settings),
             fd=fds[0] if fds else None,
             stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
+            version=lambda: self.telemetry.version,
         )
         return self.http
 
@@ -78,24 +76,22 @@ class Daemon:
         if self.http is None:
             self.start_http()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.engine.run(stop), name="engine")
-                tg.create_task(self._announce_ready(), name="notify.ready")
-                tg.create_task(
-                    self.reload_config_on_signal(reload_config or asyncio.Event()),
-                    name="config.reload",
-                )
-                interval = notify.watchdog_interval(self.env)
-                if interval:
-                    tg.create_task(notify.keep_watchdog_fed(interval), name="notify.watchdog")
-                await stop.wait()
-                raise _Shutdown
-        except* _Shutdown:
-            pass
+            await run_until(stop, lambda tg: self._start_loops(tg, stop, reload_config))
         finally:
             notify.stopping()
             assert self.http is not None
             self.http.stop()
+
+    def _start_loops(
+        self, tg: asyncio.TaskGroup, stop: asyncio.Event, reload_config: asyncio.Event | None
+    ) -> None:
+        tg.create_task(self.engine.run(stop), name="engine")
+        tg.create_task(self._announce_ready(), name="notify.ready")
+        requested = reload_config or asyncio.Event()
+        tg.create_task(self.reload_config_on_signal(requested), name="config.reload")
+        interval = notify.watchdog_interval(self.env)
+        if interval:
+            tg.create_task(notify.keep_watchdog_fed(interval), name="notify.watchdog")
 
     async def _announce_ready(self) -> None:
         await self.engine.ready.wait()

@@ -6,12 +6,16 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+import structlog
 
 from provenanced.core.vouching import is_home_manager_link
 from provenanced.errors import StateError
 from provenanced.fs import atomic
 from provenanced.model import BaselineEntry, FileFact, FileKind
+
+log = structlog.get_logger("provenanced.baseline")
 
 BASELINE_FILE = "baseline.json"
 _VERSION = 1
@@ -86,3 +90,38 @@ def save_baseline(state_dir: str, entries: Mapping[str, BaselineEntry]) -> str:
     except OSError as exc:
         raise StateError(f"cannot write baseline in {state_dir}: {exc.strerror or exc}") from exc
     return posixpath.join(state_dir, BASELINE_FILE)
+
+
+class BaselineFile:
+    """One state directory's baseline, read again only when the file changed.
+
+    A first read with no file records one from ``first`` (what is there now is what the user
+    accepts, so later changes stand out).
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self._stamp: tuple[int, int, int, int] | None = None
+
+    def read_if_changed(
+        self, first: Callable[[], Iterable[FileFact]]
+    ) -> Mapping[str, BaselineEntry] | None:
+        """The baseline when it changed since the last read (recorded when absent), else None."""
+        stamp = baseline_stamp(self.state_dir)
+        if stamp is not None and stamp == self._stamp:
+            return None  # unchanged: keep it, and the expectations built on it
+        try:
+            accepted = load_baseline(self.state_dir)
+        except StateError as exc:
+            log.error("baseline.unreadable", error=str(exc))
+            return None
+        if accepted is None:
+            accepted = entries_from_facts(first())
+            try:
+                path = save_baseline(self.state_dir, accepted)
+                log.info("baseline.recorded", path=path, files=len(accepted))
+            except StateError as exc:
+                log.error("baseline.unwritable", error=str(exc))
+        # Stamped before the read, so a write racing it is read again next time.
+        self._stamp = stamp or baseline_stamp(self.state_dir)
+        return accepted

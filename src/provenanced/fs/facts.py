@@ -45,7 +45,7 @@ class FactReader:
         except NotADirectoryError:
             return FileFact(path, FileKind.MISSING, error="a parent is not a directory")
         except OSError as exc:
-            return FileFact(path, FileKind.MISSING, error=_describe(exc))
+            return FileFact(path, FileKind.MISSING, error=_error_text(exc))
         if stat.S_ISLNK(st.st_mode):
             return self._read_link(path, st, source)
         if stat.S_ISREG(st.st_mode):
@@ -64,12 +64,12 @@ class FactReader:
         try:
             target = os.readlink(path)
         except OSError as exc:
-            return _fact(path, FileKind.SYMLINK, st, None, error=_describe(exc))
+            return _fact(path, FileKind.SYMLINK, st, None, error=_error_text(exc))
         try:
             resolved, target_st = _resolve(path)
         except OSError as exc:
             dangling = exc.errno in (errno.ENOENT, errno.ENOTDIR)
-            error = None if dangling else _describe(exc)
+            error = None if dangling else _error_text(exc)
             return _fact(path, FileKind.SYMLINK, st, None, target=target, error=error)
         sha, error = (None, None)
         if stat.S_ISREG(target_st.st_mode):
@@ -100,7 +100,7 @@ class FactReader:
         try:
             sha = _sha256(path)
         except OSError as exc:
-            return None, _describe(exc)
+            return None, _error_text(exc)
         if sha is None:
             return None, f"too large to hash (grew past {UNIT_FILE_MAX} bytes while read)"
         self._hashes[path] = (key, sha)
@@ -183,7 +183,7 @@ def _opened_path(fd: int, path: str) -> str:
         return os.path.realpath(path, strict=True)
 
 
-def _describe(exc: OSError) -> str:
+def _error_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 

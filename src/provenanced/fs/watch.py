@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import posixpath
 import time
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from asyncinotify import Event, Inotify, Mask, Watch
@@ -61,7 +63,11 @@ WatchEvent = PathChanged | Overflow | WatchLimitReached
 class UnitDirWatcher:
     """Watches the unit directories (and the nearest parent of missing ones) with one inotify fd."""
 
-    def __init__(self, roots: Iterable[str], extra_dirs: Iterable[str] = ()) -> None:
+    def __init__(
+        self, roots: Iterable[str], extra_dirs: Iterable[str] = (), executor: Executor | None = None
+    ) -> None:
+        # Host mode: where listings and new watches run (the user's thread), never the loop.
+        self.executor = executor
         self._roots = tuple(dict.fromkeys(posixpath.normpath(r) for r in roots))
         self._extra = tuple(dict.fromkeys(posixpath.normpath(r) for r in extra_dirs))
         self._inotify = Inotify()
@@ -131,8 +137,13 @@ class UnitDirWatcher:
             while self._pending:
                 yield self._pending.pop(0)
             event = await self._inotify.get()
-            for translated in self._translate(event):
-                yield translated
+            if self.executor is None:
+                translated = self._translate(event)
+            else:
+                loop = asyncio.get_running_loop()
+                translated = await loop.run_in_executor(self.executor, self._translate, event)
+            for change in translated:
+                yield change
 
     def _translate(self, event: Event) -> list[WatchEvent]:
         now = time.monotonic()

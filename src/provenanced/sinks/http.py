@@ -13,12 +13,14 @@ sending): at most ``MAX_CONNECTIONS`` at once (the next one gets 503), ``_HEAD_B
 request line and headers together (414 when the request line alone is over, else 431), and one
 deadline, ``_HEAD_SECONDS`` from accept, for the TLS handshake and the whole head. Each connection
 serves one request (HTTP/1.0); a malformed one gets 400 with a status line.
+
+Over 400 lines on purpose: the routes and the limits that bound them share one parse of the
+request head, and splitting them would hide which limit guards which read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import html
 import io
 import json
@@ -27,20 +29,21 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import gzip_accepted
 
 from provenanced import __version__
 from provenanced.errors import ConfigError
 from provenanced.model import DaemonStatus
+from provenanced.sinks.exposition import Exposition
 
 log = structlog.get_logger(__name__)
 
@@ -108,22 +111,24 @@ class HttpServer:
 def start_http_server(
     listen: str,
     registry: CollectorRegistry,
-    get_status: Callable[[], DaemonStatus],
+    get_status: Callable[[], DaemonStatus | Mapping[str, DaemonStatus]],
     *,
     tls: TlsFiles | None = None,
     fd: int | None = None,
     stalled_for: Callable[[], float] | None = None,
+    version: Callable[[], int] | None = None,
 ) -> HttpServer:
     """Serve on ``listen`` ("host:port", "[v6]:port"), or on the inherited listening socket ``fd``.
 
     ``stalled_for`` says how long the event loop has been stuck (0.0 when it runs); /-/healthy
-    fails while it is not 0. Raises ConfigError, one line, when the address cannot be bound or
+    fails while it is not 0. ``version`` moves with every counter of ``registry``: /metrics then
+    serves the bytes rendered for the current status and version. Raises ConfigError, one line, when the address cannot be bound or
     the TLS files don't load.
     """
     context = _tls_context(tls) if tls is not None else None
     server = _Server(
         _inherited_socket(fd) if fd is not None else _bound_socket(listen),
-        registry,
+        Exposition(registry, get_status, version),
         get_status,
         context,
         stalled_for,
@@ -255,8 +260,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(
         self,
         sock: socket.socket,
-        registry: CollectorRegistry,
-        get_status: Callable[[], DaemonStatus],
+        exposition: Exposition,
+        get_status: Callable[[], DaemonStatus | Mapping[str, DaemonStatus]],
         tls: ssl.SSLContext | None,
         stalled_for: Callable[[], float] | None,
     ) -> None:
@@ -264,7 +269,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
-        self.registry = registry
+        self.exposition = exposition
         self.get_status = get_status
         self.tls = tls
         self.stalled_for = stalled_for
@@ -408,27 +413,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> _Response:
         server = cast(_Server, self.server)
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         if path == "/metrics":
-            return self._metrics(server.registry)
+            return self._metrics(server.exposition)
         if path == "/-/healthy":
             return _healthy(server.stalled_for)
         if path == "/-/ready":
             return _ready(server.get_status())
         if path == "/api/v1/findings":
-            return _findings(server.get_status())
+            return _findings(server.get_status(), parse_qs(url.query).get("user", [None])[-1])
         if path == "/":
             body = _LANDING.format(version=html.escape(__version__)).encode()
             return _Response(HTTPStatus.OK, body, "text/html; charset=utf-8")
         return _Response(HTTPStatus.NOT_FOUND, b"not found; see / for the endpoints\n")
 
-    def _metrics(self, registry: CollectorRegistry) -> _Response:
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(registry)
-        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
-            return _Response(
-                HTTPStatus.OK, gzip.compress(body), content_type, (("Content-Encoding", "gzip"),)
-            )
+    def _metrics(self, exposition: Exposition) -> _Response:
+        gzipped = gzip_accepted(self.headers.get("Accept-Encoding", ""))
+        body, content_type = exposition.render(self.headers.get("Accept", ""), gzipped)
+        if gzipped:
+            return _Response(HTTPStatus.OK, body, content_type, (("Content-Encoding", "gzip"),))
         return _Response(HTTPStatus.OK, body, content_type)
 
     def _send(self, response: _Response, *, body: bool = True) -> None:
@@ -453,19 +457,40 @@ def _healthy(stalled_for: Callable[[], float] | None) -> _Response:
     return _Response(HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 
-def _ready(status: DaemonStatus) -> _Response:
+def _findings_document(status: DaemonStatus) -> dict[str, Any]:
+    return {
+        "units": status.units_audited,
+        "findings": [finding.to_json() for finding in status.findings],
+        "stale": status.behind,
+    }
+
+
+def _ready(got: DaemonStatus | Mapping[str, DaemonStatus]) -> _Response:
+    if not isinstance(got, DaemonStatus):
+        # Host mode: ready when every followed user's engine is (a host with none is ready).
+        waiting = sorted(user for user, s in got.items() if not (s.ready and s.manager_connected))
+        if not waiting:
+            return _Response(HTTPStatus.OK, b"provenanced is ready\n")
+        text = f"not ready: waiting for {', '.join(waiting[:10])}\n"
+        return _Response(HTTPStatus.SERVICE_UNAVAILABLE, text.encode("utf-8", "backslashreplace"))
+    status = got
     if status.ready and status.manager_connected:
         return _Response(HTTPStatus.OK, b"provenanced is ready\n")
     reason = "first audit not finished" if not status.ready else "user manager not connected"
     return _Response(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n".encode())
 
 
-def _findings(status: DaemonStatus) -> _Response:
-    document = {
-        "units": status.units_audited,
-        "findings": [finding.to_json() for finding in status.findings],
-        "stale": status.behind,
-    }
+def _findings(got: DaemonStatus | Mapping[str, DaemonStatus], user: str | None) -> _Response:
+    document: dict[str, Any]
+    if isinstance(got, DaemonStatus):
+        document = _findings_document(got)
+    elif user is None:
+        # Host mode without ?user=: every followed user's document, by name.
+        document = {"users": {name: _findings_document(s) for name, s in sorted(got.items())}}
+    elif user in got:
+        document = {"user": user, **_findings_document(got[user])}
+    else:
+        return _Response(HTTPStatus.NOT_FOUND, b"no such user is followed\n")
     # ensure_ascii keeps undecodable path bytes (surrogates) encodable as \\u escapes.
     body = json.dumps(document, ensure_ascii=True).encode("ascii")
     return _Response(HTTPStatus.OK, body, "application/json")

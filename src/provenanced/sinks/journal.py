@@ -55,8 +55,12 @@ class JournalSink:
     ``on_result(sink, result)`` has the shape of ``Telemetry.record_alert``.
     """
 
-    def __init__(self, on_result: OnResult | None = None) -> None:
+    def __init__(
+        self, on_result: OnResult | None = None, user: tuple[str, int] | None = None
+    ) -> None:
         self._on_result = on_result
+        # Host mode: (name, uid) of the user whose manager the entries are about.
+        self._user = user
 
     def send_transition(self, t: Transition) -> None:
         """A finding opened or closed."""
@@ -79,6 +83,8 @@ class JournalSink:
         self._emit(connection_lost_entry(address, error))
 
     def _emit(self, entry: Entry) -> None:
+        if self._user is not None:
+            entry = {**entry, **user_fields(entry, *self._user)}
         try:
             # sd_journal_sendv reports success when the socket is missing (it "fails silently"
             # on ENOENT), so look for it first; a stale socket still raises ECONNREFUSED below.
@@ -93,6 +99,18 @@ class JournalSink:
     def _report(self, result: AlertResult) -> None:
         if self._on_result is not None:
             self._on_result(SINK_NAME, result)
+
+
+def user_fields(entry: Entry, name: str, uid: int) -> Entry:
+    """Host mode's fields: the user, and what makes their ``journalctl --user-unit`` find it.
+
+    journalctl matches ``OBJECT_SYSTEMD_USER_UNIT`` together with ``_UID=0`` (systemd
+    ``src/shared/logs-show.c``, ``add_matches_for_user_unit()``); docs/host-mode.md.
+    """
+    fields = {"PROVENANCED_USER": name, "OBJECT_UID": str(uid)}
+    if "USER_UNIT" in entry:
+        fields["OBJECT_SYSTEMD_USER_UNIT"] = entry["USER_UNIT"]
+    return fields
 
 
 def transition_entry(t: Transition) -> Entry:

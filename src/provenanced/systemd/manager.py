@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from dbus_fast import Message
 
@@ -140,8 +140,10 @@ async def restart_unit(conn: ManagerConnection, name: str, mode: str = "replace"
     return str(job)
 
 
-async def _get_all(conn: ManagerConnection, path: str, interface: str) -> dict[str, Any] | None:
-    """All properties of one interface as plain values; None when the object is gone."""
+async def _get_all_wrapped(
+    conn: ManagerConnection, path: str, interface: str
+) -> dict[str, Any] | None:
+    """All properties of one interface, each still in its Variant; None when the object is gone."""
     try:
         (props,) = await conn.call(
             "GetAll", "s", [interface], interface=PROPERTIES_IFACE, path=path
@@ -150,7 +152,13 @@ async def _get_all(conn: ManagerConnection, path: str, interface: str) -> dict[s
         if exc.error_name in _GONE:
             return None
         raise
-    return {key: plain(value) for key, value in props.items()}
+    return cast(dict[str, Any], props)
+
+
+async def _get_all(conn: ManagerConnection, path: str, interface: str) -> dict[str, Any] | None:
+    """All properties of one interface as plain values; None when the object is gone."""
+    props = await _get_all_wrapped(conn, path, interface)
+    return None if props is None else {key: plain(value) for key, value in props.items()}
 
 
 def _invocation_id(value: Any) -> str:
@@ -179,25 +187,31 @@ def job_of(props: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _unit_record(name: str, props: Mapping[str, Any]) -> UnitRecord:
-    """The provenance facts of one unit from its Unit-interface properties."""
+def _unit_record(name: str, wrapped: Mapping[str, Any]) -> UnitRecord:
+    """The provenance facts of one unit from its Unit-interface properties (still in Variants)."""
+
+    # Only these ten of the hundred-odd properties are unwrapped: unwrapping them all was most
+    # of our CPU in a full resync.
+    def prop(key: str) -> Any:
+        return plain(wrapped[key])
+
     return UnitRecord(
         name=name,
-        load_state=props["LoadState"],
-        active_state=props["ActiveState"],
-        sub_state=props["SubState"],
-        fragment_path=props["FragmentPath"],
-        dropin_paths=tuple(props["DropInPaths"]),
-        source_path=props["SourcePath"],
-        need_daemon_reload=props["NeedDaemonReload"],
-        unit_file_state=props["UnitFileState"],
-        invocation_id=_invocation_id(props["InvocationID"]),
+        load_state=prop("LoadState"),
+        active_state=prop("ActiveState"),
+        sub_state=prop("SubState"),
+        fragment_path=prop("FragmentPath"),
+        dropin_paths=tuple(prop("DropInPaths")),
+        source_path=prop("SourcePath"),
+        need_daemon_reload=prop("NeedDaemonReload"),
+        unit_file_state=prop("UnitFileState"),
+        invocation_id=_invocation_id(prop("InvocationID")),
     )
 
 
 async def _read_record(conn: ManagerConnection, name: str) -> UnitRecord | None:
     """One unit's record, or None when it vanished mid-call."""
-    props = await _get_all(conn, unit_object_path(name), UNIT_IFACE)
+    props = await _get_all_wrapped(conn, unit_object_path(name), UNIT_IFACE)
     return None if props is None else _unit_record(name, props)
 
 

@@ -41,6 +41,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "metrics.tls.client_ca_file": ("/ca.pem", Path("/ca.pem")),
     "log.level": ("debug", "debug"),
     "log.format": ("json", "json"),
+    "scope": ("host", "host"),
+    "host.runtime_root": ("/srv/run/user", "/srv/run/user"),
+    "host.state_root": ("/srv/lib/provenanced", "/srv/lib/provenanced"),
+    "host.allow_users": ('["alice"]', ("alice",)),
+    "host.deny_users": ('["mallory"]', ("mallory",)),
 }
 
 
@@ -149,7 +154,7 @@ class TestRendering:
     )
     def test_describe_type(self, annotation: object, text: str) -> None:
         """Annotations become short readable names."""
-        assert configref.describe_type(annotation) == text
+        assert configref.type_name(annotation) == text
 
     @pytest.mark.parametrize(
         ("value", "text"),

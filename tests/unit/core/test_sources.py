@@ -7,7 +7,7 @@ import pytest
 from provenanced.core.audit import audit, definition_hash
 from provenanced.core.incremental import IncrementalAudit
 from provenanced.core.provenance import provenance_of
-from provenanced.core.sources import quadlet_source_dirs
+from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.unitpath import UserDirs
 from provenanced.model import (
     BaselineEntry,
@@ -186,3 +186,11 @@ class TestShowSource:
         }
         replaced = provenance_of(UNIT, observe(regular(SOURCE)), HM)
         assert replaced.source is not None and replaced.source.owner is Owner.NONE
+
+
+class TestSystemSources:
+    def test_the_kernels_tables_are_vouched_for(self) -> None:
+        """A mount unit's SourcePath is /proc/self/mountinfo: the kernel's, never drift."""
+        assert is_vendor_source("/proc/self/mountinfo")
+        assert is_vendor_source("/proc/swaps")
+        assert not is_vendor_source("/home/u/.config/containers/systemd/web.container")

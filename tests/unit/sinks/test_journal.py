@@ -128,3 +128,26 @@ class TestOtherEntries:
         assert entry["PRIORITY"] == "3"
         assert entry["PROVENANCED_ADDRESS"] == "unix:path=/run/user/1000/bus"
         assert entry["PROVENANCED_DETAIL"] == "EOF"
+
+
+class TestHostModeFields:
+    """Host mode adds the user, and the fields that let their journalctl --user-unit find it."""
+
+    def test_finding_entries_name_the_user_and_the_user_unit(self) -> None:
+        """PROVENANCED_USER, OBJECT_UID and OBJECT_SYSTEMD_USER_UNIT beside USER_UNIT."""
+        finding = Finding(FindingKind.MASKED, "a.service", "/home/u/a.service", "warning", "")
+        entry = journal.transition_entry(Transition(finding, "detected"))
+        fields = journal.user_fields(entry, "alice", 1001)
+        assert fields == {
+            "PROVENANCED_USER": "alice",
+            "OBJECT_UID": "1001",
+            "OBJECT_SYSTEMD_USER_UNIT": "a.service",
+        }
+
+    def test_entries_about_no_unit_name_only_the_user(self) -> None:
+        """A lost connection concerns no unit: no OBJECT_SYSTEMD_USER_UNIT."""
+        entry = journal.connection_lost_entry("unix:path=/run/user/1001/systemd/private", "gone")
+        assert journal.user_fields(entry, "alice", 1001) == {
+            "PROVENANCED_USER": "alice",
+            "OBJECT_UID": "1001",
+        }

@@ -308,3 +308,49 @@ class TestWhatIsCounted:
         for words in counted:
             assert words in help_text, (words, help_text)
             assert words in row.lower(), (words, row)
+
+
+class TestHostMode:
+    """In host mode every per-user series carries ``user``; the build info does not."""
+
+    def test_status_series_are_labelled_per_user(self) -> None:
+        """Each user's findings, readiness and connection appear under their name only."""
+        statuses = {
+            "alice": DaemonStatus(findings=(_finding(),), ready=True, manager_connected=True),
+            "bob": DaemonStatus(),
+        }
+        telemetry = Telemetry(lambda: statuses, host=True)
+        get = telemetry.registry.get_sample_value
+        path = "/home/u/.config/systemd/user/a.service"
+        labels = {"kind": "link-replaced", "unit": "a.service", "path": path}
+        assert get("provenanced_finding", {"user": "alice", **labels, "severity": "warning"}) == 1
+        assert get("provenanced_finding", {"user": "bob", **labels, "severity": "warning"}) is None
+        assert get("provenanced_findings", {"user": "bob", "kind": "link-replaced"}) == 0
+        assert get("provenanced_ready", {"user": "alice"}) == 1
+        assert get("provenanced_ready", {"user": "bob"}) == 0
+        assert get("provenanced_manager_connected", {"user": "bob"}) == 0
+        assert get("provenanced_ready") is None
+        assert (
+            get(
+                "provenanced_build_info",
+                {"version": __version__, "python": platform.python_version()},
+            )
+            == 1
+        )
+
+    def test_counters_record_through_the_users_view(self) -> None:
+        """for_user starts that user's known label sets at 0 and counts under their name."""
+        telemetry = Telemetry(dict, host=True)
+        alice = telemetry.for_user("alice")
+        alice.record_transition(Transition(_finding(), "detected"))
+        alice.record_reconnect()
+        alice.observe_detection_latency(0.01)
+        get = telemetry.registry.get_sample_value
+        assert (
+            get("provenanced_findings_detected_total", {"user": "alice", "kind": "link-replaced"})
+            == 1
+        )
+        assert get("provenanced_findings_detected_total", {"user": "alice", "kind": "masked"}) == 0
+        assert get("provenanced_dbus_reconnects_total", {"user": "alice"}) == 1
+        assert get("provenanced_detection_latency_seconds_count", {"user": "alice"}) == 1
+        assert get("provenanced_findings_detected_total", {"user": "bob", "kind": "masked"}) is None

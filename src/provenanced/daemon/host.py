@@ -1,0 +1,238 @@
+"""Host mode: one daemon, as root, following every user manager on the machine.
+
+Discovery says which managers run; each gets an ``Engine`` of its own (its connection to
+``<runtime>/<uid>/systemd/private``, its watches, state, findings and actions) running in its
+own task, with every file read and heal on a thread holding the user's filesystem rights
+(``fs/fsuid.py``). One user's engine failing, hanging or being slow touches no other. All
+engines share one metrics registry (every series labelled ``user``) and one HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import structlog
+from systemd import daemon as sd_daemon
+
+from provenanced.config import Settings
+from provenanced.daemon import notify
+from provenanced.daemon.discovery import Logind, RuntimeDirs, UserManager
+from provenanced.daemon.engine import Engine
+from provenanced.daemon.liveness import LoopProbe
+from provenanced.daemon.tasks import run_until
+from provenanced.errors import ConfigError, ProvenancedError, StateError
+from provenanced.fs.fsuid import Credentials, UserThread
+from provenanced.model import DaemonStatus
+from provenanced.sinks.http import HttpServer, start_http_server
+from provenanced.sinks.journal import JournalSink
+from provenanced.sinks.metrics import Telemetry
+
+log = structlog.get_logger("provenanced.host")
+
+# Seconds an engine gets to stop before its task is cancelled outright.
+_STOP_GRACE = 5.0
+# Pause before an engine that crashed is started again, so a broken manager is not hammered.
+_RESTART_DELAY = 5.0
+
+
+@dataclass
+class _Followed:
+    """One user's engine, the thread acting as them, and what ends them."""
+
+    manager: UserManager
+    engine: Engine
+    thread: UserThread
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def user_state_dir(state_root: str, name: str) -> str:
+    """``<state_root>/<name>``, created root-owned and mode 0700: no user reads another's state."""
+    for path, mode in ((state_root, 0o755), (os.path.join(state_root, name), 0o700)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise StateError(f"{path} is not a root-owned directory")
+        if stat.S_IMODE(st.st_mode) & 0o022 or (mode == 0o700 and stat.S_IMODE(st.st_mode) & 0o077):
+            os.chmod(path, mode)
+    return os.path.join(state_root, name)
+
+
+def user_settings(settings: Settings, manager: UserManager) -> Settings:
+    """The settings one user's engine runs with: their manager's private socket, no shared state."""
+    bus = settings.manager.model_copy(update={"bus_address": manager.bus_address})
+    return settings.model_copy(update={"manager": bus, "state_dir": None})
+
+
+class HostDaemon:
+    """Every user manager discovery reports, one engine each; build with settings, ``await run``."""
+
+    def __init__(self, settings: Settings, logind: Logind | None = None) -> None:
+        self.settings = settings
+        self.logind = logind or Logind()
+        self.telemetry = Telemetry(self.statuses, host=True)
+        self.http: HttpServer | None = None
+        self.discovered = asyncio.Event()  # the first scan of the runtime dirs is done
+        self._followed: dict[int, _Followed] = {}
+        # Swapped whole on each change: the HTTP thread reads it without a lock.
+        self._engines: Mapping[str, Engine] = MappingProxyType({})
+        self._wanted: Mapping[int, UserManager] = {}
+        self._changed = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+
+    def statuses(self) -> Mapping[str, DaemonStatus]:
+        """Each followed user's latest status, by user name (called on the HTTP thread)."""
+        return {name: engine.status for name, engine in self._engines.items()}
+
+    def engine(self, name: str) -> Engine | None:
+        """The engine following ``name``'s manager, if any."""
+        return self._engines.get(name)
+
+    def start_http(self) -> HttpServer:
+        """Serve metrics on the socket systemd passed us or on metrics.listen."""
+        fds = sd_daemon.listen_fds()
+        self.http = start_http_server(
+            self.settings.metrics.listen,
+            self.telemetry.registry,
+            self.statuses,
+            fd=fds[0] if fds else None,
+            stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
+        )
+        return self.http
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow managers as they come and go until ``stop`` is set."""
+        if self.http is None:
+            self.start_http()
+        discovery = RuntimeDirs(self.settings.host.runtime_root, self._on_managers)
+        try:
+            await run_until(stop, lambda tg: self._start_loops(tg, discovery))
+        finally:
+            notify.stopping()
+            for uid in list(self._followed):
+                await self._drop(uid, "daemon stopping")
+            await self.logind.close()
+            assert self.http is not None
+            self.http.stop()
+
+    def _start_loops(self, tg: asyncio.TaskGroup, discovery: RuntimeDirs) -> None:
+        self._tg = tg
+        tg.create_task(discovery.follow(), name="host.discover")
+        tg.create_task(self.follow_users(), name="host.follow")
+
+    def _on_managers(self, found: Mapping[int, UserManager]) -> None:
+        host = self.settings.host
+        self._wanted = {uid: m for uid, m in found.items() if host.follows(m.name)}
+        self._changed.set()
+
+    async def follow_users(self) -> None:
+        """Start an engine for each manager that appeared, drop the engine of each that left."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            wanted = self._wanted
+            listed = await self.logind.users()
+            if listed is not None:
+                wanted = {uid: m for uid, m in wanted.items() if uid in listed}
+            for uid, followed in list(self._followed.items()):
+                if wanted.get(uid) != followed.manager:
+                    await self._drop(uid, "manager gone")
+            for uid, manager in wanted.items():
+                if uid not in self._followed:
+                    await self._start(manager)
+            if not self.discovered.is_set():
+                self.discovered.set()
+                notify.ready(f"following {len(self._followed)} user managers")
+
+    async def _start(self, manager: UserManager) -> None:
+        bound = log.bind(user=manager.name, uid=manager.uid)
+        try:
+            thread = await UserThread.start(Credentials.of_uid(manager.uid))
+            state_dir = user_state_dir(self.settings.host.state_root, manager.name)
+        except (ProvenancedError, OSError, KeyError) as exc:
+            bound.error("host.user_failed", error=str(exc))
+            return
+        telemetry = self.telemetry.for_user(manager.name)
+        engine = Engine(
+            user_settings(self.settings, manager),
+            telemetry,
+            JournalSink(telemetry.record_alert, user=(manager.name, manager.uid)),
+            manager.env(),
+            executor=thread.executor(),
+            state_dir=state_dir,
+            uid=manager.uid,
+        )
+        followed = _Followed(manager, engine, thread)
+        assert self._tg is not None
+        followed.task = self._tg.create_task(
+            self._supervise(followed), name=f"host.user.{manager.uid}"
+        )
+        self._followed[manager.uid] = followed
+        self._publish()
+        bound.info("host.user_followed", address=manager.bus_address)
+
+    async def _supervise(self, followed: _Followed) -> None:
+        """Run one user's engine; a crash is logged and the engine started afresh, alone."""
+        bound = log.bind(user=followed.manager.name, uid=followed.manager.uid)
+        while not followed.stop.is_set():
+            try:
+                await followed.engine.run(followed.stop)
+            except (
+                Exception
+            ) as exc:  # one user's failure (an ExceptionGroup too) must not end the host
+                bound.error("host.engine_crashed", error=str(exc), restart_in=_RESTART_DELAY)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_RESTART_DELAY):
+                        await followed.stop.wait()
+
+    async def _drop(self, uid: int, reason: str) -> None:
+        followed = self._followed.pop(uid)
+        self._publish()  # its findings go now, not when its engine has stopped
+        followed.stop.set()
+        if followed.task is not None:
+            # asyncio.wait neither raises the task's end nor cancels it at the deadline.
+            _done, pending = await asyncio.wait([followed.task], timeout=_STOP_GRACE)
+            for task in pending:
+                task.cancel()
+        followed.thread.close()
+        log.info("host.user_dropped", user=followed.manager.name, uid=uid, reason=reason)
+
+    def _publish(self) -> None:
+        self._engines = MappingProxyType(
+            {f.manager.name: f.engine for f in self._followed.values()}
+        )
+
+
+async def serve_host(settings: Settings, config_path: Path | None) -> None:
+    """The ``provenanced run --host`` entry: signals set ``stop``, the daemon does the rest."""
+    if os.geteuid() != 0:
+        raise ConfigError("host mode reads every user's manager and must run as root")
+    daemon = HostDaemon(settings)
+    daemon.start_http()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Reloading the configuration is not supported in host mode yet; SIGHUP must not kill us.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("config.reload_unsupported", scope="host")
+    )
+    log.info(
+        "daemon.starting",
+        pid=os.getpid(),
+        listen=settings.metrics.listen,
+        scope="host",
+        runtime_root=settings.host.runtime_root,
+        config=str(config_path) if config_path else None,
+    )
+    await daemon.run(stop)
+    log.info("daemon.stopped")

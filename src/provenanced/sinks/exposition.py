@@ -1,0 +1,50 @@
+"""The /metrics body, rendered once per published status and counter change, not once per scrape."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+
+class Exposition:
+    """Renders ``registry`` and keeps the bytes until the status or a counter changes.
+
+    ``version`` must move whenever a counter or histogram in the registry does; without it every
+    scrape renders (host mode: its statuses are a new mapping each time, nothing to key on). The key is read before rendering, so a body may be newer than its key but
+    never older: a change during a render costs one more render, never a stale scrape.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        get_status: Callable[[], object],
+        version: Callable[[], int] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._get_status = get_status
+        self._version = version
+        self._lock = threading.Lock()  # scrapes arriving together after a change render once
+        # (content type, gzipped) → the status and counter version it was rendered at, and bytes
+        self._cache: dict[tuple[str, bool], tuple[object, int, bytes]] = {}
+
+    def render(self, accept: str, gzipped: bool) -> tuple[bytes, str]:
+        """The body for this ``Accept`` header, gzip-compressed when asked, and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        if self._version is None:
+            body = encoder(self._registry)
+            return (gzip.compress(body) if gzipped else body), content_type
+        fmt = (content_type, gzipped)
+        with self._lock:
+            status, version = self._get_status(), self._version()
+            cached = self._cache.get(fmt)
+            if cached is not None and cached[0] is status and cached[1] == version:
+                return cached[2], content_type
+            body = encoder(self._registry)
+            if gzipped:
+                body = gzip.compress(body)
+            self._cache[fmt] = (status, version, body)
+            return body, content_type
