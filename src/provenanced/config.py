@@ -107,6 +107,11 @@ class PolicySettings(_Section):
         ("home-manager-*.service",), description="Defer reloads while a matching unit is activating"
     )
     max_reloads_per_hour: int = Field(12, ge=0, description="Upper bound on automatic reloads")
+    activation_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a Home Manager activation may hold findings, reloads and heals back",
+    )
     heal: dict[FindingKind, HealMode] = Field(
         default_factory=dict, description="Per drift kind: flag (default) or heal (link kinds only)"
     )

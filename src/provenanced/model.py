@@ -348,3 +348,5 @@ class DaemonStatus:
     inotify_watches: int = 0
     last_full_resync: float = 0.0
     units_audited: int = 0
+    activation_in_progress: bool = False  # a Home Manager activation holds the findings back
+    activation_stuck: bool = False  # it outlived policy.activation_timeout and was judged

@@ -119,6 +119,7 @@ class TestRules:
             "ProvenancedStaleLoadLingering",
             "ProvenancedReloadsFailing",
             "ProvenancedManagerDisconnected",
+            "ProvenancedActivationStuck",
             "ProvenancedDown",
             "ProvenancedAbsent",
         }

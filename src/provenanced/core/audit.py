@@ -135,6 +135,8 @@ def _check_path(
     packages = judge.packages_of(loc)
     if loc.unit_dir.tier not in AUDITED_TIERS and packages is None:
         return
+    if unit_hint is None and packages is None and not loc.could_be_read:
+        return  # a name the manager never loads (``CuXXXXXX``, ``x.service.backup``): no unit's drift
     unit = unit_hint or loc.unit
     fact = judge.fact(obs, path)
     if packages is not None:

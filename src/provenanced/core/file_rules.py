@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from provenanced.core.unitpath import USER_TIERS, Location
 from provenanced.core.vouching import (
+    baseline_entry,
     home_manager_files_dir,
     in_linked_managed_dir,
     is_under,
@@ -97,7 +98,7 @@ def check_missing(judge: Judge, obs: Observation, path: str, unit: str) -> Itera
             f"Home Manager's current generation links this path to {expected.target}; it is absent",
         )
         return
-    base = judge.exp.baseline.get(path)
+    base = baseline_entry(judge.exp, path)
     if (
         base is not None
         and base.kind is FileKind.SYMLINK
@@ -217,7 +218,7 @@ def check_unexpected(
     judge: Judge, obs: Observation, place: Place, path: str, fact: FileFact
 ) -> Iterator[Finding]:
     unit = place.unit
-    base = judge.exp.baseline.get(path)
+    base = baseline_entry(judge.exp, path)
     if (
         fact.masked
         and place.can_mask

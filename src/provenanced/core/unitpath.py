@@ -6,10 +6,8 @@ import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from provenanced.core.unitnames import DEPENDENCY_DIR_SUFFIXES, could_be_read_at
 from provenanced.model import Tier, UnitDir
-
-# Entries of these subdirectories are links that enable a unit, named after the enabled unit.
-DEPENDENCY_DIR_SUFFIXES = (".wants", ".requires", ".upholds")
 
 # Tiers whose files a user (or a tool acting for them) writes: audited for ownership and vouching.
 USER_TIERS = frozenset({Tier.CONTROL, Tier.CONFIG, Tier.RUNTIME, Tier.DATA})
@@ -117,6 +115,11 @@ class Location:
         """A ``<unit>.d/*.conf`` file rather than a unit file or an enablement link."""
         head, _, tail = self.relative.partition("/")
         return bool(tail) and head.endswith(".d")
+
+    @property
+    def could_be_read(self) -> bool:
+        """Whether the manager could read this file at all, judging by its name and place."""
+        return could_be_read_at(self.relative)
 
     @property
     def is_fragment(self) -> bool:

@@ -83,10 +83,27 @@ def vouch(path: str, fact: FileFact, exp: Expectations, tier_is_system: bool = F
             return Owner.MANAGED_ROOT
     if in_linked_managed_dir(fact, exp):
         return Owner.MANAGED_ROOT
-    base = exp.baseline.get(path)
+    base = baseline_entry(exp, path)
     if base is not None and same_as_baseline(fact, base):
         return Owner.BASELINE
     return Owner.NONE
+
+
+def is_home_manager_link(target: str | None) -> bool:
+    """Whether a link target points into a Home Manager generation's ``home-files``."""
+    return home_manager_files_dir(target) is not None
+
+
+def baseline_entry(exp: Expectations, path: str) -> BaselineEntry | None:
+    """The accepted baseline's entry for ``path``, unless it recorded a Home Manager link.
+
+    Home Manager is the authority for its links: the baseline neither vouches for one nor
+    expects it back once a generation removed it.
+    """
+    base = exp.baseline.get(path)
+    if base is None or (base.kind is FileKind.SYMLINK and is_home_manager_link(base.target)):
+        return None
+    return base
 
 
 def through_expected_dir(fact: FileFact, expected: ExpectedLink) -> bool:

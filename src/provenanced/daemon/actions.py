@@ -122,6 +122,20 @@ class Actions:
         self._journal = journal
         self._heal_tried: dict[Key, _FileIdentity] = {}
         self._reload_wanted = asyncio.Event()
+        self._free = asyncio.Event()  # clear while a Home Manager activation holds every action
+        self._free.set()
+
+    @property
+    def held(self) -> bool:
+        """Whether an activation is running: no reload, no heal until it ends."""
+        return not self._free.is_set()
+
+    @held.setter
+    def held(self, value: bool) -> None:
+        if value:
+            self._free.clear()
+        else:
+            self._free.set()
 
     def follow_policy(self, policy: PolicySettings) -> None:
         """Act by a new policy from now on; the reload budget already spent stays spent."""
@@ -129,6 +143,8 @@ class Actions:
 
     async def consider(self, state: AuditState) -> list[HealOutcome]:
         """Wake the reloader for stale loads; heal what is due; return what each heal did."""
+        if self.held:
+            return []  # the activation relinks and reloads itself: never fight it
         if state.has_open(FindingKind.STALE_LOAD):
             self._reload_wanted.set()
         # A file is healed once per version: a finding that stays open while its file is
@@ -188,6 +204,9 @@ class Actions:
             # The quiet window restarts with every change; sleep until it has really passed.
             while (quiet := self.last_change + policy.quiet_window - time.monotonic()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(quiet)
+            if self.held:
+                # The activation runs its own daemon-reload; what is still stale after it wakes us.
+                continue
             stale = [f for f in state.findings.values() if f.kind is FindingKind.STALE_LOAD]
             conn = connection()
             if not stale or conn is None:

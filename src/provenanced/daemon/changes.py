@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from provenanced.core.sources import is_vendor_source, quadlet_source_dirs
 from provenanced.core.unitpath import UserDirs
+from provenanced.daemon.activation import PROFILE
 from provenanced.expect import baseline
 from provenanced.expect.generation import GCROOT
 from provenanced.expect.packages import PackageDatabase
@@ -66,12 +67,14 @@ class WatchedPlaces:
     packages_dir: str | None = None  # the package database's directory, when there is one
     packages_files: frozenset[str] = frozenset()  # the entries whose change is a new database
     source_dirs: tuple[str, ...] = ()  # generated units' sources: their changes are path changes
+    profile: str | None = None  # Home Manager's profile link: the CLI moves it first
 
     @property
     def extra_dirs(self) -> tuple[str, ...]:
         """The directories to watch besides the unit directories."""
         packages = (self.packages_dir,) if self.packages_dir is not None else ()
-        return (self.gcroots_dir, self.state_dir, *packages, *self.source_dirs)
+        profiles = (posixpath.dirname(self.profile),) if self.profile is not None else ()
+        return (self.gcroots_dir, self.state_dir, *packages, *self.source_dirs, *profiles)
 
 
 def watched_places(
@@ -83,7 +86,13 @@ def watched_places(
     packages_dir, packages_files = packages.watched if packages else (None, frozenset[str]())
     sources = tuple(d for d in quadlet_source_dirs(dirs, uid) if not is_vendor_source(d))
     return WatchedPlaces(
-        state_dir, baseline.BASELINE_FILE, gcroots, packages_dir, packages_files, sources
+        state_dir,
+        baseline.BASELINE_FILE,
+        gcroots,
+        packages_dir,
+        packages_files,
+        sources,
+        posixpath.join(dirs.home, PROFILE),
     )
 
 
@@ -104,6 +113,13 @@ def change_for_watch_event(event: WatchEvent, places: WatchedPlaces) -> Change |
         return None
     if event.path.startswith(places.gcroots_dir):
         return FullResync("home manager generation changed", event.monotonic)
+    if places.profile is not None and posixpath.dirname(event.path) == posixpath.dirname(
+        places.profile
+    ):
+        # Other profiles and the numbered generation links share the directory.
+        if event.path == places.profile:
+            return FullResync("home manager profile moved", event.monotonic)
+        return None
     return event
 
 

@@ -15,11 +15,13 @@ import structlog
 from provenanced.config import Settings
 from provenanced.core.state import AuditState
 from provenanced.daemon.actions import Actions
+from provenanced.daemon.activation import Activation
 from provenanced.daemon.changes import (
     BaselineChanged,
     Change,
     FullResync,
     PathChanged,
+    UnitChanged,
     change_for_signal,
     change_for_watch_event,
     watched_places,
@@ -46,6 +48,8 @@ log = structlog.get_logger("provenanced.engine")
 
 # Pause before retrying a re-check the manager failed, so an erroring manager is not hammered.
 _RETRY_DELAY = 1.0
+# How often a held activation is looked at again when no event comes.
+_ACTIVATION_LOOK = 0.5
 
 
 class Engine:
@@ -94,6 +98,7 @@ class Engine:
         self._reading = asyncio.Lock()
         self._baseline = baseline.BaselineFile(self.state_dir)
         # Outlives connections, like the hash cache: it re-reads only the info files that changed.
+        self.activation = Activation(self.dirs.home, settings.policy.activation_timeout)
         self._packages = open_database(
             settings.provenance.packages, settings.provenance.package_root
         )
@@ -136,6 +141,7 @@ class Engine:
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
+        self.activation.timeout = settings.policy.activation_timeout
         self._changes.put_nowait(FullResync("config reloaded", time.monotonic()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -158,8 +164,12 @@ class Engine:
             degraded=self.watches.degraded,
             inotify_watches=self.watches.count,
             last_full_resync=self.status.last_full_resync,
+            activation_in_progress=self.activation.reason is not None,
+            activation_stuck=self.activation.stuck,
         )
-        self.status = self.state.status(flags)
+        # While an activation runs, what was published before it stays published.
+        status = self.state.status(flags)
+        self.status = replace(status, findings=self.activation.published(self.state.findings))
 
     async def _connected(self, conn: ManagerConnection) -> None:
         """Subscribe, resync in full, and say so."""
@@ -255,11 +265,23 @@ class Engine:
                 if accepted is not None:
                     self.state.accept_baseline(accepted)
             transitions = self.state.update(reading, time.time())
+            self.activation.follow(self.state, reading.manager_reloaded)
         if full:
             self._resynced(batch, time.monotonic() - started)
         await self._after(transitions)
 
     async def _after(self, transitions: list[Transition]) -> None:
+        was_holding = self.activation.holding
+        verdict = self.activation.look(
+            self.state, self.status.findings, transitions, time.monotonic()
+        )
+        self.actions.held = verdict.holding
+        if verdict.holding:
+            if not was_holding:
+                self._spawn(self._look_while_activating(), "activation.look")
+            self.publish()
+            return
+        transitions = verdict.transitions
         self.alerts.send(transitions)
         outcomes = await self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
@@ -271,6 +293,16 @@ class Engine:
             self._heal_retry_due = True
             self._spawn(self._consider_again(min(waits)), "actions.heal_retry")
         self.publish()
+
+    async def _look_while_activating(self) -> None:
+        # Nothing need announce an activation's end (a unit going inactive) or a stuck one.
+        while self.activation.holding:
+            await asyncio.sleep(_ACTIVATION_LOOK)
+            unit = self.activation.unit_signal()
+            if unit is not None:
+                self._changes.put_nowait(UnitChanged(unit, time.monotonic()))
+            else:
+                await self._after([])
 
     async def _consider_again(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 
+from provenanced.core.vouching import is_home_manager_link
 from provenanced.errors import StateError
 from provenanced.fs import atomic
 from provenanced.model import BaselineEntry, FileFact, FileKind
@@ -57,11 +58,13 @@ def load_baseline(state_dir: str) -> dict[str, BaselineEntry] | None:
 
 
 def entries_from_facts(facts: Iterable[FileFact]) -> dict[str, BaselineEntry]:
-    """Baseline entries for every existing file among ``facts``."""
+    """Baseline entries for every existing file among ``facts`` but Home Manager's links."""
     return {
         fact.path: BaselineEntry(fact.path, fact.kind, fact.target, fact.resolved, fact.sha256)
         for fact in facts
-        if fact.kind in (FileKind.FILE, FileKind.SYMLINK)
+        if fact.kind is FileKind.FILE
+        # Home Manager is the authority for its links: its generation, not the baseline, expects them.
+        or (fact.kind is FileKind.SYMLINK and not is_home_manager_link(fact.target))
     }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from provenanced.core.unitpath import DEPENDENCY_DIR_SUFFIXES
+from provenanced.core.unitnames import DEPENDENCY_DIR_SUFFIXES
 from provenanced.model import PackagedFile, PackageDigest, PackageIndex, frozen_map
 
 PackageManager = Literal["auto", "dpkg", "none"]

@@ -316,6 +316,18 @@ class StatusCollector:
             extra,
             [(labels, s.degraded) for labels, s in rows],
         )
+        yield _flag(
+            "provenanced_activation_in_progress",
+            "1 while a Home Manager activation runs: findings, reloads and heals wait for its end.",
+            extra,
+            [(labels, s.activation_in_progress) for labels, s in rows],
+        )
+        yield _flag(
+            "provenanced_activation_stuck",
+            "1 when an activation outlived policy.activation_timeout and was judged as it stands.",
+            extra,
+            [(labels, s.activation_stuck) for labels, s in rows],
+        )
         yield _units(extra, rows)
         yield from _findings(extra, rows)
         yield _gauge(

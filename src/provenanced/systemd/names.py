@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import string
 
-UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
-# systemd's UNIT_NAME_MAX is 256 with the terminating NUL.
-UNIT_NAME_MAX = 255
-UNIT_TYPES = frozenset(
-    {
-        "service",
-        "socket",
-        "target",
-        "device",
-        "mount",
-        "automount",
-        "swap",
-        "timer",
-        "path",
-        "slice",
-        "scope",
-    }
+from provenanced.core.unitnames import (
+    UNIT_NAME_MAX,
+    UNIT_TYPES,
+    could_define_unit,
+    is_template,
+    is_valid_unit_name,
+    template_of,
+    unit_suffix,
 )
-# VALID_CHARS of systemd's unit-name.c plus "@", which may appear anywhere after the first one.
-_NAME_CHARS = frozenset(string.ascii_letters + string.digits + ":-_.\\@")
+
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+__all__ = [
+    "UNIT_NAME_MAX",
+    "UNIT_TYPES",
+    "bus_label_escape",
+    "bus_label_unescape",
+    "could_define_unit",
+    "dropin_dirs_for",
+    "is_template",
+    "is_valid_unit_name",
+    "template_of",
+    "unescape_unit_path",
+    "unit_object_path",
+    "unit_suffix",
+]
 _LABEL_SAFE = frozenset((string.ascii_letters + string.digits).encode())
 _DIGITS = frozenset(string.digits.encode())
 _HEX = frozenset(string.hexdigits)
@@ -70,46 +75,6 @@ def unescape_unit_path(path: str) -> str:
     if label == path or not label or "/" in label:
         raise ValueError(f"not a unit object path: {path!r}")
     return bus_label_unescape(label)
-
-
-def unit_suffix(name: str) -> str:
-    """The unit type after the last dot (``service`` for ``foo.service``); "" without a dot."""
-    _, dot, suffix = name.rpartition(".")
-    return suffix if dot else ""
-
-
-def is_valid_unit_name(name: str) -> bool:
-    """Whether systemd accepts ``name`` as a plain, template or instance unit name."""
-    if not name or len(name) > UNIT_NAME_MAX:
-        return False
-    stem, dot, suffix = name.rpartition(".")
-    if not dot or not stem or suffix not in UNIT_TYPES:
-        return False
-    return set(stem) <= _NAME_CHARS and not stem.startswith("@")
-
-
-def is_template(name: str) -> bool:
-    """Whether ``name`` is a template (``foo@.service``); the manager loads only its instances."""
-    stem, _, _ = name.rpartition(".")
-    # unit_name_is_valid(): a template's first "@" is right before the type suffix.
-    return bool(stem) and stem.find("@") == len(stem) - 1
-
-
-def could_define_unit(path: str) -> bool:
-    """Whether systemd could read ``path`` as a unit file or a drop-in, judging by its name alone.
-
-    The manager reads only files named as units (fragments, aliases, enablement links) and
-    ``*.conf`` drop-ins; anything else in a unit directory never reaches it.
-    """
-    name = path.rpartition("/")[2]
-    return name.endswith(".conf") or is_valid_unit_name(name)
-
-
-def template_of(name: str) -> str | None:
-    """``foo@.service`` for the instance ``foo@bar.service``; None for plain names and templates."""
-    stem, _, suffix = name.rpartition(".")
-    prefix, at, instance = stem.partition("@")
-    return f"{prefix}@.{suffix}" if at and instance else None
 
 
 def _dash_prefixes(name: str) -> list[str]:

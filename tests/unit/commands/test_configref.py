@@ -30,6 +30,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "policy.quiet_window": ("0.5", 0.5),
     "policy.defer_while_active": ('["x-*.service"]', ("x-*.service",)),
     "policy.max_reloads_per_hour": ("1", 1),
+    "policy.activation_timeout": ("30", 30.0),
     "policy.heal": ('{"link-replaced": "heal"}', {"link-replaced": "heal"}),
     "policy.resync_interval": ("60", 60.0),
     "policy.degraded_resync_interval": ("5", 5.0),

@@ -306,6 +306,42 @@ class TestAuditFileKinds:
         assert audit(observe({path: regular(path, uid=0)}, scanned=(path,)), exp) == ()
 
 
+class TestAuditStrayNames:
+    @pytest.mark.parametrize(
+        "path",
+        [
+            f"{CONFIG}/CuU5WPnS",
+            f"{CONFIG}/beta.service.backup",
+            f"{CONFIG}/.web.service.swp",
+            f"{CONFIG}/web.service~",
+            f"{CONFIG}/web.service.d/10-env.conf.bak",
+            f"{CONFIG}/default.target.wants/CuAbCdEf",
+            f"{CONTROL}/notes/web.service",
+        ],
+    )
+    @pytest.mark.parametrize("kind", ["file", "old-generation-link", "dangling-link"])
+    def test_a_name_the_manager_never_loads_is_no_units_drift(self, path: str, kind: str) -> None:
+        """A temp link, a backup or a swap file is nothing the manager reads: no finding at all."""
+        fact = {
+            "file": regular(path),
+            "old-generation-link": link(path, f"{OLD_FILES}/x", "/nix/store/e-old"),
+            "dangling-link": link(path, "/nowhere", None),
+        }[kind]
+        assert kinds(observe({path: fact}, scanned=(path,))) == set()
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            f"{CONFIG}/mine.service",
+            f"{CONFIG}/web.service.d/20-mine.conf",
+            f"{CONFIG}/default.target.wants/mine.service",
+        ],
+    )
+    def test_a_unit_name_in_the_same_place_is_still_judged(self, path: str) -> None:
+        """The same stray file with a name the manager loads stays a unit's drift."""
+        assert kinds(observe({path: regular(path)}, scanned=(path,))) != set()
+
+
 class TestAuditBaseline:
     PATH = f"{CONFIG}/mine.service"
 
@@ -356,6 +392,21 @@ class TestAuditBaseline:
             BaselineEntry(self.PATH, FileKind.SYMLINK, "/nix/store/m", "/nix/store/m", "s")
         )
         assert kinds(observe(), exp) == {(K.MANAGED_MISSING, "mine.service", self.PATH)}
+
+    def test_a_home_manager_link_in_the_baseline_expects_nothing(self) -> None:
+        """A unit Home Manager removed is not managed-missing because the baseline saw its link."""
+        target = f"{OLD_FILES}/.config/systemd/user/mine.service"
+        exp = self.exp(BaselineEntry(self.PATH, FileKind.SYMLINK, target, "/nix/store/m", "s"))
+        assert kinds(observe(), exp) == set()
+
+    def test_a_home_manager_link_in_the_baseline_vouches_for_nothing(self) -> None:
+        """An old generation's link stays an orphan even when the baseline recorded it."""
+        target = f"{OLD_FILES}/.config/systemd/user/mine.service"
+        exp = self.exp(BaselineEntry(self.PATH, FileKind.SYMLINK, target, "/nix/store/m", "s"))
+        obs = observe({self.PATH: link(self.PATH, target, "/nix/store/m")}, scanned=(self.PATH,))
+        assert kinds(obs, exp) == {(K.ORPHAN_LINK, "mine.service", self.PATH)}
+        fact = obs.facts[self.PATH]
+        assert vouch(self.PATH, fact, exp) is Owner.NONE
 
     def test_baseline_link_retargeted_outside_roots(self) -> None:
         """A baseline link now pointing elsewhere outside the roots is link-retargeted."""

@@ -100,6 +100,22 @@ class TestChangeForWatchEvent:
             "home manager generation changed", 4.0
         )
 
+    def test_a_moved_profile_is_a_full_resync(self) -> None:
+        """The CLI moves Home Manager's profile first: the activation begins there."""
+        places = replace(PLACES, profile="/home/u/.local/state/nix/profiles/home-manager")
+        event = PathChanged("/home/u/.local/state/nix/profiles/home-manager", False, 5.0)
+        assert change_for_watch_event(event, places) == FullResync(
+            "home manager profile moved", 5.0
+        )
+        assert "/home/u/.local/state/nix/profiles" in places.extra_dirs
+
+    @pytest.mark.parametrize("name", ["home-manager-3-link", "profile", "channels"])
+    def test_other_profile_entries_ask_for_nothing(self, name: str) -> None:
+        """Numbered generation links and other profiles share the directory: nothing to read."""
+        places = replace(PLACES, profile="/home/u/.local/state/nix/profiles/home-manager")
+        event = PathChanged(f"/home/u/.local/state/nix/profiles/{name}", False, 5.0)
+        assert change_for_watch_event(event, places) is None
+
     @pytest.mark.parametrize("name", ["status", "diversions", "lock"])
     def test_the_end_of_a_package_run_is_a_full_resync(self, name: str) -> None:
         """A rewritten status or diversions, or the lock's last close, is a new package database."""

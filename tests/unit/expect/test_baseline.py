@@ -38,6 +38,16 @@ class TestBaseline:
         assert load_baseline(str(tmp_path)) == entries
         assert set(entries) == {"/u/a.service", "/u/b.service"}
 
+    def test_home_manager_links_are_not_recorded(self) -> None:
+        """A link into a generation's home-files is Home Manager's to expect, not the baseline's."""
+        hm = FileFact(
+            "/u/c.service",
+            FileKind.SYMLINK,
+            target="/nix/store/x-home-manager-files/.config/systemd/user/c.service",
+            resolved="/nix/store/c",
+        )
+        assert set(entries_from_facts([*facts(), hm])) == {"/u/a.service", "/u/b.service"}
+
     def test_stamp_tells_versions_apart(self, tmp_path: Path) -> None:
         """The stamp holds while the file is untouched and changes with every save, same content or not."""
         assert baseline_stamp(str(tmp_path)) is None

@@ -170,6 +170,8 @@ class TestStatusCollector:
             ("ready", "provenanced_ready"),
             ("behind", "provenanced_stale"),
             ("degraded", "provenanced_degraded"),
+            ("activation_in_progress", "provenanced_activation_in_progress"),
+            ("activation_stuck", "provenanced_activation_stuck"),
         ],
     )
     @pytest.mark.parametrize("value", [False, True])
