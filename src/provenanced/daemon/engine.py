@@ -22,11 +22,10 @@ from provenanced.daemon.changes import (
     FullResync,
     PathChanged,
     UnitChanged,
-    change_for_signal,
     change_for_watch_event,
     watched_places,
 )
-from provenanced.daemon.connection import follow_manager
+from provenanced.daemon.connection import ManagerLink
 from provenanced.daemon.heal import Healer
 from provenanced.daemon.jobs import JobVerifier
 from provenanced.daemon.observer import Observer, baseline_facts, user_dirs
@@ -82,16 +81,20 @@ class Engine:
         self._uid = os.getuid() if uid is None else uid
         self.actions = Actions(settings.policy, healer, telemetry, journal, executor)
         self.jobs = JobVerifier(self.state, telemetry, journal)
+        self.link = ManagerLink(
+            lambda: self.settings.manager,
+            self.env,
+            telemetry,
+            journal,
+            self.jobs,
+            self._observer_for,
+        )
+        self.connected = self.link.connected
         self.ready = asyncio.Event()
-        self.connected = asyncio.Event()
         self.status = DaemonStatus()
         self.resyncs = 0
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
-        self._conn: ManagerConnection | None = None
-        self._observer: Observer | None = None
         self._reader = FactReader()  # its hash cache outlives connections
-        self._transport = ""
-        self._manager_reloading = False
         self._behind = False  # a re-read failed; the findings wait for its retry
         # One re-read at a time: a partial one started from the observation a concurrent full
         # resync (a reconnect) replaces would land after it and undo it.
@@ -105,7 +108,7 @@ class Engine:
         self._places = watched_places(self.state_dir, self.dirs, self._uid, self._packages)
         self.watches = Watches(self._places.extra_dirs, self._on_watch_event, telemetry, executor)
         self._tg: asyncio.TaskGroup | None = None
-        self._heal_retry_due = False  # a deferred heal's next look is already scheduled
+        self._looks_due: set[str] = set()  # reasons a later look is already scheduled for
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every loop until ``stop`` is set; a crashed loop ends the engine."""
@@ -113,18 +116,17 @@ class Engine:
             await run_until(stop, self._start_loops)
         finally:
             self.watches.close()
-            if self._conn is not None:
-                await self._conn.close()
+            await self.link.close()
 
     def _start_loops(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
-        on_call = self.telemetry.record_dbus_call
-        manager_settings = lambda: self.settings.manager  # noqa: E731 - read anew at each connect
-        links = follow_manager(manager_settings, self.env, on_call, self._connected, self._lost)
-        tg.create_task(links, name="manager.follow")
+        following = self.link.follow(
+            self._resync_on_connect, self._changes.put_nowait, self._verify_job, self.publish
+        )
+        tg.create_task(following, name="manager.follow")
         tg.create_task(self.reconcile_changes(), name="engine.reconcile")
         tg.create_task(self.alerts.send_held(), name="alerts.flush")
-        reloads = self.actions.reload_when_stale(self.state, lambda: self._conn)
+        reloads = self.actions.reload_when_stale(self.state, lambda: self.link.conn)
         tg.create_task(reloads, name="actions.reload")
         backstop = self.watches.backstop(lambda: self.settings.policy, self._backstop)
         tg.create_task(backstop, name="engine.backstop")
@@ -136,8 +138,8 @@ class Engine:
             self.state.follow_roots(provenance.managed_roots)
             # Watched places stay as they were: a database added here is read at each resync.
             self._packages = open_database(provenance.packages, provenance.package_root)
-            if self._observer is not None:
-                self._observer.follow(provenance, self._packages)
+            if self.link.observer is not None:
+                self.link.observer.follow(provenance, self._packages)
         self.settings = settings
         self.alerts.gate.interval = settings.policy.alert_min_interval
         self.actions.follow_policy(settings.policy)
@@ -155,10 +157,10 @@ class Engine:
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
-        connected = self.connected.is_set()
+        connected = self.link.connected.is_set()
         flags = DaemonStatus(
             manager_connected=connected,
-            transport=self._transport,
+            transport=self.link.transport,
             ready=self.ready.is_set(),
             behind=self._behind or not connected,
             degraded=self.watches.degraded,
@@ -171,47 +173,24 @@ class Engine:
         status = self.state.status(flags)
         self.status = replace(status, findings=self.activation.published(self.state.findings))
 
-    async def _connected(self, conn: ManagerConnection) -> None:
-        """Subscribe, resync in full, and say so."""
-        self._conn, self._transport = conn, conn.transport.kind
-        self._manager_reloading = False
-        self.jobs.connected()
-        await manager.subscribe(conn, self._on_signal)
-        self._observer = Observer(
+    def _observer_for(self, conn: ManagerConnection) -> Observer:
+        observer = Observer(
             conn, self.dirs, (), reader=self._reader, executor=self._executor, uid=self._uid
         )
-        self._observer.follow(self.settings.provenance, self._packages)
+        observer.follow(self.settings.provenance, self._packages)
+        return observer
+
+    async def _resync_on_connect(self) -> None:
         await self._reread([FullResync("connected", time.monotonic(), True)])
-        self.connected.set()
-        self.publish()
 
-    async def _lost(self, address: str) -> None:
-        """The connection dropped or never came: the findings may now be out of date."""
-        if self.connected.is_set():
-            self.alerts.journal.send_connection_lost(address, "connection closed")
-        self.connected.clear()
-        self.telemetry.record_reconnect()
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = self._observer = None
-        self.publish()
-
-    def _on_signal(self, event: manager.ManagerEvent) -> None:
-        announced = self.jobs.observe(event)
-        if isinstance(event, manager.Reloading):
-            self._manager_reloading = event.active
-        change = change_for_signal(event, self._manager_reloading, time.monotonic())
-        if change is not None:
-            self._changes.put_nowait(change)
-        elif self.jobs.wants(event) and self._conn is not None:
-            assert isinstance(event, manager.JobRemoved)
-            # Verification needs D-Bus reads; it runs as its own small task of the loop.
-            self._spawn(self._verify_job(self._conn, event, announced), "jobs.verify")
-
-    async def _verify_job(
+    def _verify_job(
         self, conn: ManagerConnection, event: manager.JobRemoved, announced: JobChecks | None
     ) -> None:
-        await self._after(await self.jobs.verify(conn, event, announced))
+        # Verification needs D-Bus reads; it runs as its own small task of the loop.
+        self._spawn(self._after_job(self.jobs.verify(conn, event, announced)), "jobs.verify")
+
+    async def _after_job(self, verified: Coroutine[Any, Any, list[Transition]]) -> None:
+        await self._after(await verified)
 
     def _on_watch_event(self, event: WatchEvent) -> None:
         if isinstance(event, WatchLimitReached):
@@ -228,7 +207,7 @@ class Engine:
             batch = [await self._changes.get()]
             while not self._changes.empty():
                 batch.append(self._changes.get_nowait())
-            if self._observer is None or self.state.observation is None:
+            if self.link.observer is None or self.state.observation is None:
                 continue  # not connected (or still subscribing): the connect's full resync follows
             started = min(
                 (c.monotonic for c in batch if not isinstance(c, BaselineChanged)), default=None
@@ -251,7 +230,7 @@ class Engine:
 
     async def _reread(self, batch: Sequence[Change]) -> None:
         """Re-read what ``batch`` touched, update the state, and let alerts and actions follow."""
-        observer = self._observer
+        observer = self.link.observer
         assert observer is not None, "re-read without a connection"
         started = time.monotonic()
         async with self._reading:
@@ -271,43 +250,40 @@ class Engine:
         await self._after(transitions)
 
     async def _after(self, transitions: list[Transition]) -> None:
-        was_holding = self.activation.holding
         verdict = self.activation.look(
             self.state, self.status.findings, transitions, time.monotonic()
         )
         self.actions.held = verdict.holding
         if verdict.holding:
-            if not was_holding:
-                self._spawn(self._look_while_activating(), "activation.look")
+            # Nothing need announce an activation's end (a unit going inactive) or a stuck one.
+            self._look_again(_ACTIVATION_LOOK, "activation.look")
             self.publish()
             return
-        transitions = verdict.transitions
-        self.alerts.send(transitions)
+        self.alerts.send(verdict.transitions)
         outcomes = await self.actions.consider(self.state)
         if any(outcome.ok for outcome in outcomes):
             # The placed links raise inotify events of their own; this makes sure a resync follows.
             self._changes.put_nowait(FullResync("healed", time.monotonic()))
         waits = [o.retry_in for o in outcomes if o.retry_in is not None]
-        if waits and not self._heal_retry_due:
-            # A heal waits for its file to be quiet, and no event need come then: look again.
-            self._heal_retry_due = True
-            self._spawn(self._consider_again(min(waits)), "actions.heal_retry")
+        if waits:
+            # A heal waits for its file to be quiet, and no event need come then.
+            self._look_again(min(waits), "actions.heal_retry")
         self.publish()
 
-    async def _look_while_activating(self) -> None:
-        # Nothing need announce an activation's end (a unit going inactive) or a stuck one.
-        while self.activation.holding:
-            await asyncio.sleep(_ACTIVATION_LOOK)
-            unit = self.activation.unit_signal()
-            if unit is not None:
-                self._changes.put_nowait(UnitChanged(unit, time.monotonic()))
-            else:
-                await self._after([])
+    def _look_again(self, delay: float, why: str) -> None:
+        """Look at the state again after ``delay``, once per reason however often asked."""
+        if why not in self._looks_due:
+            self._looks_due.add(why)
+            self._spawn(self._look_later(delay, why), why)
 
-    async def _consider_again(self, delay: float) -> None:
+    async def _look_later(self, delay: float, why: str) -> None:
         await asyncio.sleep(delay)
-        self._heal_retry_due = False
-        await self._after([])
+        self._looks_due.discard(why)
+        unit = self.activation.unit_signal()  # the hold rests on a unit's state: re-read it
+        if unit is not None:
+            self._changes.put_nowait(UnitChanged(unit, time.monotonic()))
+        else:
+            await self._after([])
 
     def _resynced(self, batch: Sequence[Change], duration: float) -> None:
         self.resyncs += 1
