@@ -176,22 +176,50 @@ class TestHostileNames:
             dropin.parent.mkdir()
             dropin.write_text("[Service]\nEnvironment=X=1\n")
             template = unit_file(units, _TEMPLATE, "[Service]\nExecStart=/bin/sleep infinity\n")
-            hostile = [unit_file(units, name) for name in _HOSTILE]
+            # No unit has such a name, but systemd reads any *.conf of a drop-in directory.
+            hostile_dir = units / "absent.service.d"
+            hostile_dir.mkdir()
+            hostile = [hostile_dir / f"{name}.conf" for name in _HOSTILE]
+            for path in hostile:
+                path.write_text("[Service]\n")
             sandbox.daemon_reload()
             sandbox.systemctl("start", "tpl@in\\x2dstance.service", _ESCAPED)
             await eventually(
-                lambda: (
-                    {str(p) for p in (escaped, template, *hostile)}
-                    <= running.paths(K.UNMANAGED_UNIT)
-                ),
+                lambda: {str(p) for p in (escaped, template)} <= running.paths(K.UNMANAGED_UNIT),
                 what="every unit file reported",
             )
-            await eventually(lambda: running.has(K.UNMANAGED_DROPIN, dropin))
+            await eventually(
+                lambda: {str(p) for p in (dropin, *hostile)} <= running.paths(K.UNMANAGED_DROPIN),
+                what="every drop-in reported",
+            )
             assert running.alive()
             await self._manager_records_were_read(running)
             self._metrics_carry_every_path(running, [escaped, dropin, template, *hostile])
             self._api_carries_every_path(running, [escaped, dropin, template, *hostile])
         self._journal_carries_every_path(since, [escaped, template, *hostile])
+
+    async def test_a_unit_the_manager_cannot_send_is_judged_from_its_files(
+        self, fresh_sandbox: Sandbox
+    ) -> None:
+        """A loaded unit's drop-in named in bytes that are not UTF-8: GetAll fails, re-reads go on."""
+        sandbox = fresh_sandbox
+        async with start_daemon(sandbox, need_daemon_reload="flag") as running:
+            unit_file(
+                sandbox.config_dir, "odd.service", "[Service]\nExecStart=/bin/sleep infinity\n"
+            )
+            bad = sandbox.config_dir / "odd.service.d" / os.fsdecode(b"bad\xff.conf")
+            bad.parent.mkdir()
+            bad.write_text("[Service]\n")
+            sandbox.daemon_reload()
+            sandbox.systemctl("start", "odd.service")
+            await eventually(lambda: running.has(K.UNMANAGED_DROPIN, bad))
+            resyncs = running.engine.resyncs
+            running.engine.publish()
+            assert not running.engine.status.behind
+            # Later changes are still seen: the daemon is not stuck retrying a failed re-read.
+            other = unit_file(sandbox.config_dir, "later.service")
+            await eventually(lambda: running.has(K.UNMANAGED_UNIT, other))
+            assert running.engine.resyncs - resyncs <= 2
 
     @staticmethod
     async def _manager_records_were_read(running: Running) -> None:
@@ -248,7 +276,9 @@ class TestHostileNames:
         for entry in entries:
             path = _field(entry, "PROVENANCED_PATH")
             assert path is not None
-            assert _field(entry, "USER_UNIT") == os.path.basename(path)
+            parent = os.path.basename(os.path.dirname(path))
+            unit = parent[: -len(".d")] if parent.endswith(".d") else os.path.basename(path)
+            assert _field(entry, "USER_UNIT") == unit
             assert _field(entry, "PRIORITY") == "4"
             assert "\n" not in (_field(entry, "MESSAGE") or "")
         # The newline-laden name injected no entry of its own.

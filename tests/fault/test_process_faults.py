@@ -48,9 +48,16 @@ class TestSighupWithBrokenConfig:
         path = sandbox.config_dir / "backup.timer"
         target = os.readlink(path)
         with daemon_process(sandbox, tmp_path, healing) as proc:
-            # A file name that would forge a log line if the log did not escape newlines.
-            forged = unit_file(sandbox.config_dir, "x\nlevel=error event=config.reload_failed")
-            poll(lambda: str(forged) in _paths(proc, "unmanaged-unit"), message="forged name")
+            # A drop-in name that would forge a log line if the log did not escape newlines
+            # (systemd reads any *.conf in a .d directory; a unit file needs a valid unit name).
+            forged = (
+                sandbox.config_dir
+                / "backup.service.d"
+                / "x\nlevel=error event=config.reload_failed.conf"
+            )
+            forged.parent.mkdir(exist_ok=True)
+            forged.write_text("[Service]\n")
+            poll(lambda: str(forged) in _paths(proc, "unmanaged-dropin"), message="forged name")
             assert _events(proc, "config.reload_failed") == []
             for number, broken in enumerate(
                 ("[policy\nquiet_window = ", "[policy]\nquiet_window = -1\n"), start=1

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import structlog
 from dbus_fast import Message
 
 from provenanced.errors import ManagerCallError
@@ -67,6 +68,7 @@ _GONE = frozenset(
 )
 _INVALID = "org.freedesktop.DBus.Error.InvalidArgs"
 RELOAD_TIMEOUT = 90.0
+log = structlog.get_logger("provenanced.manager")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +145,21 @@ async def restart_unit(conn: ManagerConnection, name: str, mode: str = "replace"
 async def _get_all_wrapped(
     conn: ManagerConnection, path: str, interface: str
 ) -> dict[str, Any] | None:
-    """All properties of one interface, each still in its Variant; None when the object is gone."""
+    """All properties of one interface, each still in its Variant; None when none can be read.
+
+    A unit whose drop-in path is not UTF-8 cannot be sent over D-Bus at all: the manager answers
+    InvalidArgs for the whole GetAll. Such a unit is judged from its files alone, and the re-read
+    goes on (failing it would retry a full resync every second, forever).
+    """
     try:
         (props,) = await conn.call(
             "GetAll", "s", [interface], interface=PROPERTIES_IFACE, path=path
         )
     except ManagerCallError as exc:
         if exc.error_name in _GONE:
+            return None
+        if exc.error_name == _INVALID:
+            log.warning("manager.unit_unreadable", path=path, error=str(exc))
             return None
         raise
     return cast(dict[str, Any], props)
