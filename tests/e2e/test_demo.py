@@ -24,8 +24,14 @@ pytestmark = pytest.mark.e2e
 CLI = str(Path(sys.executable).parent / "provenanced")
 _ROOT_LINE = re.compile(r"a throw-away systemd --user in (?P<root>\S+)")
 _STEP_LINE = re.compile(r"^\[step (?P<number>\d+)/(?P<total>\d+)\](?P<repair> repairing)?", re.M)
-# Each step waits at most 20 s for its finding and 20 s for the repair, then pauses 8 + 4 s.
-_SCENARIO_TIMEOUT = 300
+_SWITCH_LINE = re.compile(r"switch done in [\d.]+ s: (?P<report>.*)")
+_SILENT = (
+    "0 findings, 0 drift entries, no reload of the daemon's own; "
+    "old-sync.service not-found, new-sync.service loaded"
+)
+# Each drift step waits at most 20 s for its finding and 20 s for the repair, then pauses
+# 8 + 4 s; the switch at the end takes seconds.
+_SCENARIO_TIMEOUT = 360
 
 
 def free_port() -> int:
@@ -132,28 +138,37 @@ def test_scenario_is_caught_and_ctrl_c_cleans_up(demo: Demo) -> None:
     assert processes_of(root), "the sandbox's manager should be running before Ctrl-C"
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(timeout=60) == 0, demo.output()
-    assert "[step 1/5]" in demo.output()
+    assert "[step 1/6]" in demo.output()
     assert processes_of(root) == []
     assert not Path(root).exists()
 
 
 def test_every_step_is_seen_and_resolved(demo: Demo) -> None:
     """The README's headline, end to end: each injected drift is seen and each repair resolves
-    it (step 4 is the restart that exits 0 while the never-run unit's condition fails)."""
+    it (step 4 is the restart that exits 0 while the never-run unit's condition fails); the
+    last step, a real Home Manager switch, passes by no finding, no drift entry and no reload
+    of the daemon's own while it runs, the removed unit gone and the added one loaded."""
     root = wait_until(demo.sandbox_root, timeout=60, message="the demo's banner")
     wait_until(
         demo.scenario_over, timeout=_SCENARIO_TIMEOUT, interval=0.5, message="the scenario's end"
     )
     total, steps = demo.steps()
     injected = sorted(number for number, repair in steps if not repair)
-    assert total > 0 and injected == list(range(1, total + 1)), demo.output()
+    assert total > 1 and injected == list(range(1, total + 1)), demo.output()
     assert [number for number, repair in steps if repair], demo.output()
-    not_seen = [n for (n, repair), text in steps.items() if not repair and "seen after" not in text]
+    switch = _SWITCH_LINE.search(steps[(total, False)])
+    assert switch is not None and switch["report"] == _SILENT, demo.output()
+    drifts = {key: text for key, text in steps.items() if key != (total, False)}
+    not_seen = [
+        n for (n, repair), text in drifts.items() if not repair and "seen after" not in text
+    ]
     not_resolved = [
-        n for (n, repair), text in steps.items() if repair and "resolved after" not in text
+        n for (n, repair), text in drifts.items() if repair and "resolved after" not in text
     ]
     assert (not_seen, not_resolved) == ([], []), demo.output()
-    assert "Scenario done: every drift was seen and repaired" in demo.output()
+    assert "Scenario done: every drift was seen and repaired, and the switch was silent" in (
+        demo.output()
+    )
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(timeout=60) == 0, demo.output()
     assert root is not None

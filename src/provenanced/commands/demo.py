@@ -12,20 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from systemd import journal
 
 from provenanced.config import Settings
 from provenanced.daemon.service import Daemon
 from provenanced.logging import configure_logging
 from provenanced.model import Finding, FindingKind
-from provenanced.sandbox import Generation, Journald, Sandbox, ensure_journald, example_units
+from provenanced.sandbox import (
+    Generation,
+    Journald,
+    Sandbox,
+    SandboxError,
+    build_generation,
+    ensure_journald,
+    example_switch,
+    run_switch,
+)
 from provenanced.sandbox.quadlet import container_source
 from provenanced.sinks.journal import DRIFT_DETECTED, JOB_UNVERIFIED, RELOAD_DONE
 
@@ -38,6 +52,8 @@ REPORT = "nightly-report.service"
 PROXY = "proxy.service"  # made by the quadlet stand-in from a Home Manager-linked source
 _PROXY_SOURCE = ".config/containers/systemd/proxy.container"
 _REPORT_INPUT = ".cache/nightly-report/input"
+REMOVED = "old-sync.service"  # the units example_switch's second generation drops and adds
+ADDED = "new-sync.service"
 _REPORT_UNIT = """\
 [Unit]
 Description=Nightly report (runs only when its input exists)
@@ -61,20 +77,31 @@ WantedBy=timers.target
 """
 
 
-def demo_units() -> dict[str, str]:
-    """The sandbox's example tree plus a timer-run oneshot whose Condition the scenario fails.
+def _demo_extras() -> dict[str, str]:
+    """A quadlet source, and a timer-run oneshot whose Condition the scenario fails.
 
     The timer also keeps the oneshot loaded between runs: an unreferenced inactive unit is
     garbage-collected at once, and a re-loaded one reports ConditionResult=no by default.
     """
     timer = REPORT.replace(".service", ".timer")
     return {
-        **example_units(),
         _PROXY_SOURCE: container_source("docker.io/library/nginx:1.25"),
         f"{_UNITS}/{REPORT}": _REPORT_UNIT,
         f"{_UNITS}/{timer}": _REPORT_TIMER,
         f"{_UNITS}/timers.target.wants/{timer}": _REPORT_TIMER,
     }
+
+
+def demo_units() -> dict[str, str]:
+    """The sandbox's example tree as example_switch's first generation has it, plus the extras."""
+    before, _ = example_switch()
+    return {**before, **_demo_extras()}
+
+
+def switched_units() -> dict[str, str]:
+    """What the scenario's Home Manager switch goes to: example_switch's second generation."""
+    _, after = example_switch()
+    return {**after, **_demo_extras()}
 
 
 def _say(text: str = "") -> None:
@@ -107,7 +134,7 @@ class Step:
 
 
 class Scenario:
-    """Injects the five field failures one after another into the sandbox, then repairs them.
+    """Injects five field failures one after another into the sandbox, repairs them, then switches.
 
     Files change the way a person's ``cp`` or Home Manager's activation changes them: written
     beside the tree and renamed into place, so no half-written file is ever seen.
@@ -173,14 +200,16 @@ class Scenario:
         ]
 
     async def run(self) -> None:
-        """Play every step: inject, wait for the finding, pause, repair, wait for it to close."""
+        """Play every step: inject, wait for the finding, pause, repair, wait for it to close;
+        then a clean Home Manager switch, through which the daemon must stay silent."""
         await self.daemon.engine.ready.wait()
         self.scratch.mkdir(exist_ok=True)
         await asyncio.sleep(STEP_PAUSE / 2)
         steps = self.steps()
+        total = len(steps) + 1  # the switch comes last, on the tree every repair restored
         missed: list[str] = []
         for number, step in enumerate(steps, 1):
-            _say(f"\n[step {number}/{len(steps)}] {step.title}")
+            _say(f"\n[step {number}/{total}] {step.title}")
             _say(f"           watch for: {step.watch}")
             started = time.monotonic()
             await step.inject()
@@ -188,7 +217,7 @@ class Scenario:
                 missed.append(f"step {number} not seen")
             await asyncio.sleep(STEP_PAUSE)
             if step.repair is not None:
-                _say(f"[step {number}/{len(steps)}] repairing")
+                _say(f"[step {number}/{total}] repairing")
                 kind = step.resolves or step.kind
                 # A finding that never opened cannot resolve: waiting for its absence proves nothing.
                 was_open = self._open(kind, step.unit) is not None
@@ -200,13 +229,113 @@ class Scenario:
                 elif not await self._wait_for(kind, step.unit, started, opened=False):
                     missed.append(f"step {number} not resolved")
                 await asyncio.sleep(STEP_PAUSE / 2)
+        _say(
+            f"\n[step {total}/{total}] switch Home Manager to its next generation (25.11, "
+            f"`home-manager switch`): {WEB} changes, backup.service stays, {REMOVED} goes, "
+            f"{ADDED} comes"
+        )
+        _say(
+            "           watch for: nothing while the activation runs (the daemon holds its "
+            f"findings), then {REMOVED} gone and {ADDED} loaded"
+        )
+        if not await self._switch():
+            missed.append(f"step {total} not silent")
         if missed:
             _say(f"\nScenario incomplete: {', '.join(missed)}. Ctrl-C stops.")
         else:
             _say(
-                "\nScenario done: every drift was seen and repaired. "
+                "\nScenario done: every drift was seen and repaired, and the switch was silent. "
                 "The daemon keeps watching; Ctrl-C stops."
             )
+
+    async def _switch(self) -> bool:
+        """Switch to example_switch's second generation; say whether the daemon kept quiet."""
+        engine = self.daemon.engine
+        if engine.status.findings:
+            _say(f"           ({len(engine.status.findings)} findings open before the switch)")
+            return False
+        target = build_generation(self.sandbox.store, switched_units(), "switched")
+        seen: set[tuple[str, str, str]] = set()
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            """What /api/v1/findings would serve, every 10 ms, until the daemon follows."""
+            while not stop.is_set():
+                seen.update((f.kind.value, f.unit, f.path) for f in engine.status.findings)
+                await asyncio.sleep(0.01)
+
+        def follows() -> bool:
+            generation = engine.state.generation.path
+            return generation == str(target.path) and not engine.status.activation_in_progress
+
+        reloads = self._reloads()
+        since_usec = time.time_ns() // 1000
+        started = time.monotonic()
+        sampler = asyncio.create_task(sample(), name="demo.switch.sample")
+        try:
+            await asyncio.to_thread(run_switch, self.sandbox, target, "standalone")
+            followed = await self._until(follows, started + DETECT_TIMEOUT)
+        except SandboxError as exc:
+            _say(f"           (the switch failed: {exc})")
+            return False
+        finally:
+            stop.set()
+            await sampler
+        seconds = time.monotonic() - started
+        if not followed:
+            _say(
+                f"           (the daemon did not follow {target.path.name} within "
+                f"{DETECT_TIMEOUT:g} s)"
+            )
+            return False
+        self.generation = target
+        own = self._reloads() - reloads
+        drift = await asyncio.to_thread(self._drift_entries, since_usec)
+        removed, added = await asyncio.gather(
+            *(asyncio.to_thread(self.sandbox.show, unit, "LoadState") for unit in (REMOVED, ADDED))
+        )
+        reload_text = "no reload of the daemon's own" if own == 0 else f"{own:g} reloads of its own"
+        _say(
+            f"           switch done in {seconds:.2f} s: {len(seen)} findings, {drift} drift "
+            f"entries, {reload_text}; {REMOVED} {removed['LoadState']}, "
+            f"{ADDED} {added['LoadState']}"
+        )
+        for kind, unit, path in sorted(seen):
+            _say(f"           reported during the switch: {kind} {unit} {path}")
+        loads = (removed["LoadState"], added["LoadState"])
+        return (len(seen), drift, own, *loads) == (0, 0, 0, "not-found", "loaded")
+
+    def _reloads(self) -> float:
+        """daemon-reloads the daemon itself sent, whatever triggered them and however they ended."""
+        return sum(
+            sample.value
+            for metric in self.daemon.telemetry.registry.collect()
+            for sample in metric.samples
+            if sample.name == "provenanced_reloads_total"
+        )
+
+    def _drift_entries(self, since_usec: int) -> int:
+        """This process's drift-detected journal entries about the sandbox since then."""
+        marker = uuid.uuid4().hex
+        journal.send("provenanced demo: journal sync", PROVENANCED_DEMO=marker)
+        deadline = time.monotonic() + DETECT_TIMEOUT
+        while not _journal(f"PROVENANCED_DEMO={marker}") and time.monotonic() < deadline:
+            time.sleep(_POLL)  # journald files entries asynchronously: wait for ours to land
+        entries = _journal(f"MESSAGE_ID={DRIFT_DETECTED}", f"_PID={os.getpid()}")
+        return sum(
+            1
+            for entry in entries
+            if int(entry["__REALTIME_TIMESTAMP"]) >= since_usec
+            and entry.get("PROVENANCED_PATH", "").startswith(str(self.sandbox.root))
+        )
+
+    @staticmethod
+    async def _until(condition: Callable[[], bool], deadline: float) -> bool:
+        while not condition():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL)
+        return True
 
     async def _wait_for(
         self, kind: FindingKind, unit: str, started: float, *, opened: bool
@@ -285,6 +414,18 @@ class Scenario:
     async def _verified_restart(self) -> None:
         self.report_input.write_text("ready\n")
         await self._restart()
+
+
+def _journal(*matches: str) -> list[dict[str, str]]:
+    """The journal's entries matching every ``FIELD=value``, as journalctl's JSON has them."""
+    out = subprocess.run(
+        ["journalctl", "--no-pager", "-o", "json", *matches],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def write_env_file(sandbox: Sandbox) -> Path:
