@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +35,7 @@ from provenanced.sandbox import (
     build_generation,
     example_switch,
     prepare_switch,
+    read_journal,
     run_switch,
 )
 from provenanced.sinks.journal import DRIFT_DETECTED
@@ -112,23 +111,12 @@ async def sampling(running: Running) -> AsyncIterator[Watch]:
         watch.seen |= running.findings()
 
 
-def _journal(*matches: str) -> list[dict[str, str]]:
-    out = subprocess.run(
-        ["journalctl", "--no-pager", "-o", "json", *matches],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def drift_entries(sandbox: Sandbox, since_usec: int) -> list[dict[str, str]]:
     """This process's drift-detected entries about the sandbox since then, once journald has all."""
     marker = uuid.uuid4().hex
     journal.send(MESSAGE="sync", PROVENANCED_TEST=marker)
-    wait_until(lambda: _journal(f"PROVENANCED_TEST={marker}"), 30, message="journal in sync")
-    entries = _journal(f"MESSAGE_ID={DRIFT_DETECTED}", f"_PID={os.getpid()}")
+    wait_until(lambda: read_journal(f"PROVENANCED_TEST={marker}"), 30, message="journal in sync")
+    entries = read_journal(f"MESSAGE_ID={DRIFT_DETECTED}", f"_PID={os.getpid()}")
     return [
         e
         for e in entries

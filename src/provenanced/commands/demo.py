@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -38,6 +36,7 @@ from provenanced.sandbox import (
     build_generation,
     ensure_journald,
     example_switch,
+    read_journal,
     run_switch,
 )
 from provenanced.sandbox.quadlet import container_source
@@ -319,9 +318,9 @@ class Scenario:
         marker = uuid.uuid4().hex
         journal.send("provenanced demo: journal sync", PROVENANCED_DEMO=marker)
         deadline = time.monotonic() + DETECT_TIMEOUT
-        while not _journal(f"PROVENANCED_DEMO={marker}") and time.monotonic() < deadline:
+        while not read_journal(f"PROVENANCED_DEMO={marker}") and time.monotonic() < deadline:
             time.sleep(_POLL)  # journald files entries asynchronously: wait for ours to land
-        entries = _journal(f"MESSAGE_ID={DRIFT_DETECTED}", f"_PID={os.getpid()}")
+        entries = read_journal(f"MESSAGE_ID={DRIFT_DETECTED}", f"_PID={os.getpid()}")
         return sum(
             1
             for entry in entries
@@ -414,18 +413,6 @@ class Scenario:
     async def _verified_restart(self) -> None:
         self.report_input.write_text("ready\n")
         await self._restart()
-
-
-def _journal(*matches: str) -> list[dict[str, str]]:
-    """The journal's entries matching every ``FIELD=value``, as journalctl's JSON has them."""
-    out = subprocess.run(
-        ["journalctl", "--no-pager", "-o", "json", *matches],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def write_env_file(sandbox: Sandbox) -> Path:

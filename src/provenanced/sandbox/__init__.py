@@ -31,7 +31,7 @@ from provenanced.sandbox.hmstore import (
     example_units,
 )
 from provenanced.sandbox.host import HostSandbox, UserSandbox
-from provenanced.sandbox.journald import Journald, ensure_journald, journald_listening
+from provenanced.sandbox.journald import Journald, ensure_journald, journald_listening, read_journal
 from provenanced.sandbox.usermanager import Sandbox, boot
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "example_units",
     "journald_listening",
     "prepare_switch",
+    "read_journal",
     "run_switch",
     "switch",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +76,15 @@ def ensure_journald(timeout: float = 10.0) -> Journald | None:
     tail = _tail(log)
     handle.stop()
     raise SandboxError(f"journald did not open {JOURNAL_SOCKET} within {timeout}s:\n{tail}")
+
+
+def read_journal(*matches: str) -> list[dict[str, str]]:
+    """The journal's entries matching every ``FIELD=value``, as journalctl's JSON has them."""
+    out = subprocess.run(
+        ["journalctl", "--no-pager", "-o", "json", *matches],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
