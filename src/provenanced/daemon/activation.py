@@ -17,6 +17,7 @@ import structlog
 
 from provenanced.core.state import AuditState
 from provenanced.core.switching import (
+    ACTIVATION_UNITS,
     CLEANUP_SUSPECTED,
     ActivationFacts,
     Root,
@@ -155,7 +156,12 @@ class Activation:
             linked_home_files=linked,
             stale_load_open=state.has_open(FindingKind.STALE_LOAD),
             reloaded_since_generation_changed=self._reloaded,
-            units=tuple(obs.units.values()) if obs is not None else (),
+            # Only the units a switch runs in: a look costs the same at 100 units and at 10,000.
+            units=tuple(
+                unit
+                for name in ACTIVATION_UNITS
+                if obs is not None and (unit := obs.units.get(name)) is not None
+            ),
             cleanup_suspected=cleanup_suspected,
         )
 
