@@ -33,6 +33,7 @@ from provenanced.sandbox._proc import (
     SYSTEM_PATH,
     SYSTEMD_BINARY,
     SandboxError,
+    _cgroup_hierarchies,
     _cgroup_pids,
     _pid_alive,
     _poll,
@@ -141,7 +142,11 @@ class SystemSandbox:
         self.users: list[Account] = []
         self.pid = 0  # systemd's pid as the host sees it
         self._proc: subprocess.Popen[bytes] | None = None
-        self._cgroup = Path("/sys/fs/cgroup/unified") / f"provenanced-system-{secrets.token_hex(6)}"
+        # The cgroup2 hierarchy: /sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on v2.
+        unified = [h for h in _cgroup_hierarchies() if h.name != "systemd"]
+        self._cgroup = (unified or [Path("/sys/fs/cgroup")])[
+            0
+        ] / f"provenanced-system-{secrets.token_hex(6)}"
         self._stopped = False
         atexit.register(self.stop)
 
@@ -194,8 +199,11 @@ class SystemSandbox:
         """Boot the system manager and wait until it has reached its start target."""
         if self._stopped:
             raise SandboxError("this system sandbox was stopped; create a new one")
-        if not self._cgroup.parent.is_dir():
-            raise SandboxError(f"{self._cgroup.parent} is not a cgroup2 mount")
+        if not (self._cgroup.parent / "cgroup.subtree_control").exists():
+            raise SandboxError(f"{self._cgroup.parent} is not a cgroup2 hierarchy")
+        for target in self.binds:
+            if target in Path(sys.prefix).resolve().parents:
+                raise SandboxError(f"{sys.prefix} is under {target}, which the sandbox replaces")
         self._write_units()
         self._cgroup.mkdir()
         binds = [str(p) for target, source in self.binds.items() for p in (source, target)]
