@@ -29,9 +29,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.host]
 CLI = str(Path(sys.executable).parent / "provenanced")
 SERVICE = install.HOST_SERVICE
 DRIFT = "hand-made.service"
-# PrivateTmp= gives the service a /tmp of its own; a checkout there would vanish from its view.
-CHECKOUT_IN_TMP = any(
-    str(Path(p).resolve()).startswith(("/tmp/", "/var/tmp/")) for p in (sys.prefix, __file__)
+ROOT = Path(__file__).resolve().parents[2]
+# PrivateTmp= gives the service a /tmp of its own, where a checkout in /tmp would vanish: the
+# test binds the checkout (and the venv) back over it, read-only, as an administrator could.
+CHECKOUT_IN_TMP = sorted(
+    {str(p) for p in (ROOT, Path(sys.prefix).resolve()) if p.is_relative_to("/tmp")}
 )
 # CapBnd of CapabilityBoundingSet=CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID
 # (capability numbers 1, 2, 6, 7 in linux/capability.h).
@@ -98,7 +100,7 @@ def installed() -> Iterator[Installed]:
         alice, bob = sandbox.add_user(), sandbox.add_user()
         dropins = sandbox.path(f"/etc/systemd/system/{SERVICE}.d")
         dropins.mkdir()
-        dropin = TEST_DROPIN + ("PrivateTmp=no\n" if CHECKOUT_IN_TMP else "")
+        dropin = TEST_DROPIN + "".join(f"BindReadOnlyPaths={p}\n" for p in CHECKOUT_IN_TMP)
         (dropins / "test.conf").write_text(dropin)
         port = free_port()
         result = sandbox.run(
@@ -177,8 +179,7 @@ def test_each_sandboxing_option_is_in_effect(installed: Installed) -> None:
     assert "ro" in mounts["/proc/sys"]  # ProtectKernelTunables=
     assert "ro" in mounts["/sys/fs/cgroup"]  # ProtectControlGroups=
     assert "tmpfs" in mounts["/dev"]  # PrivateDevices=: a private /dev, not the devtmpfs
-    if not CHECKOUT_IN_TMP:
-        assert "/tmp" in mounts  # PrivateTmp=: a /tmp of its own
+    assert "/tmp" in mounts  # PrivateTmp=: a /tmp of its own
     state = installed.sandbox.path("/var/lib/provenanced")
     for user in (installed.alice, installed.bob):
         assert (state / user.name).stat().st_mode & 0o777 == 0o700
