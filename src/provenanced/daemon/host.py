@@ -106,6 +106,7 @@ class HostDaemon:
             self.statuses,
             fd=fds[0] if fds else None,
             stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
+            version=lambda: self.telemetry.version,
         )
         return self.http
 
