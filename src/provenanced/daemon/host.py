@@ -198,6 +198,7 @@ class HostDaemon:
     async def _drop(self, uid: int, reason: str) -> None:
         followed = self._followed.pop(uid)
         self._publish()  # its findings go now, not when its engine has stopped
+        followed.engine.telemetry.retire()  # and its counters: no series outlives its user
         followed.stop.set()
         if followed.task is not None:
             # asyncio.wait neither raises the task's end nor cancels it at the deadline.
