@@ -13,10 +13,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from provenanced import __version__
-from provenanced.config import MetricsSettings, Settings, load_settings, validation_message
+from provenanced.config import Settings, load_settings
 from provenanced.core.audit import audit
 from provenanced.core.provenance import provenance_of
 from provenanced.core.vouching import expectations
@@ -275,10 +273,12 @@ async def _install(args: argparse.Namespace) -> int:
 
 
 def _check_listen(listen: str) -> None:
+    from provenanced.sinks.http import parse_listen
+
     try:
-        MetricsSettings(listen=listen)
-    except ValidationError as exc:
-        raise UsageError(f"--listen: {validation_message(exc)}") from None
+        parse_listen(listen)
+    except ProvenancedError as exc:
+        raise UsageError(f"--listen: {exc}") from None
 
 
 async def _uninstall(args: argparse.Namespace) -> int:
