@@ -45,8 +45,7 @@ def _config(host: HostSandbox, tmp_path: Path, allow: list[UserSandbox], *extra:
             "[log]",
             'format = "logfmt"',
             "[policy]",
-            "quiet_window = 0.2",
-            "alert_min_interval = 0",
+            *(f"{key} = {value}" for key, value in HOST_POLICY.items()),
             *extra,
             "",
         ]
@@ -271,7 +270,12 @@ class TestHostReload:
                 )
                 assert ivan.account.name not in daemon.statuses()
                 assert _ready(daemon, judy)
-                assert _policy(daemon, judy).resync_interval == PolicySettings().resync_interval
+                await eventually(
+                    lambda: _policy(daemon, judy).resync_interval == 900,
+                    WAIT,
+                    "judy's new host policy",
+                )
+                assert _policy(daemon, judy).max_reloads_per_hour == 3
         (dropped,) = _events(logs, "host.user_dropped", ivan)
         assert dropped["reason"] == "not allowed by host.allow_users/deny_users"
         assert len(_events(logs, "config.reloaded")) == 2
