@@ -14,8 +14,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from provenanced import __version__
-from provenanced.config import Settings, load_settings
+from provenanced.config import MetricsSettings, Settings, load_settings, validation_message
 from provenanced.core.audit import audit
 from provenanced.core.provenance import provenance_of
 from provenanced.core.vouching import expectations
@@ -33,8 +35,8 @@ EXIT_OK, EXIT_FINDINGS = 0, 1
 _NAME_SHOWN = 60
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+def _settings(args: argparse.Namespace, *, host: bool = False) -> Settings:
+    settings = load_settings(args.config, host=host)
     # Logs go to stderr at the configured level: stdout carries only the command's answer.
     configure_logging(settings.log.level, settings.log.format)
     return settings
@@ -53,8 +55,9 @@ def _check_unit_names(names: Sequence[str]) -> None:
             raise UsageError(f"{one_line(name, _NAME_SHOWN)} is not a valid unit name")
 
 
-async def _connect(settings: Settings) -> ManagerConnection:
-    transport = resolve_address(settings.manager.bus_address, os.environ)
+async def _connect(settings: Settings, address: str | None = None) -> ManagerConnection:
+    """The user manager the settings name, or the manager at ``address``."""
+    transport = resolve_address(address or settings.manager.bus_address, os.environ)
     return await ManagerConnection.connect(
         transport,
         timeout=settings.manager.call_timeout,
@@ -230,8 +233,31 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _install(args: argparse.Namespace) -> int:
-    from provenanced.commands.install import install, socket_listen
+    from provenanced.commands.install import (
+        SYSTEM_MANAGER_ADDRESS,
+        install,
+        install_host,
+        socket_listen,
+    )
 
+    if args.listen is not None:
+        _check_listen(args.listen)
+    if args.host:
+        if args.socket:
+            raise UsageError("--socket is for the user service; the host service listens itself")
+        settings = _settings(args, host=True)
+        conn = await _connect(settings, SYSTEM_MANAGER_ADDRESS)
+        try:
+            outcome = await install_host(
+                conn,
+                now=args.now,
+                listen=args.listen,
+                configured_listen=settings.metrics.listen,
+            )
+        finally:
+            await conn.close()
+        print("\n".join(outcome.lines))
+        return EXIT_OK if outcome.ok else EXIT_FINDINGS
     settings = _settings(args)
     conn = await _connect(settings)
     try:
@@ -241,8 +267,9 @@ async def _install(args: argparse.Namespace) -> int:
             socket=args.socket,
             now=args.now,
             state_dir=settings.resolved_state_dir(os.environ),
+            listen=args.listen,
             # The socket unit listens on its own (packaged) address.
-            listen=socket_listen() if args.socket else settings.metrics.listen,
+            configured_listen=socket_listen() if args.socket else settings.metrics.listen,
         )
     finally:
         await conn.close()
@@ -250,13 +277,20 @@ async def _install(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.ok else EXIT_FINDINGS
 
 
-async def _uninstall(args: argparse.Namespace) -> int:
-    from provenanced.commands.install import uninstall
-
-    settings = _settings(args)
-    conn = await _connect(settings)
+def _check_listen(listen: str) -> None:
     try:
-        outcome = await uninstall(conn, os.environ)
+        MetricsSettings(listen=listen)
+    except ValidationError as exc:
+        raise UsageError(f"--listen: {validation_message(exc)}") from None
+
+
+async def _uninstall(args: argparse.Namespace) -> int:
+    from provenanced.commands.install import SYSTEM_MANAGER_ADDRESS, uninstall, uninstall_host
+
+    settings = _settings(args, host=args.host)
+    conn = await _connect(settings, SYSTEM_MANAGER_ADDRESS if args.host else None)
+    try:
+        outcome = await (uninstall_host(conn) if args.host else uninstall(conn, os.environ))
     finally:
         await conn.close()
     print("\n".join(outcome.lines))
@@ -332,10 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--socket", action="store_true", help="also socket-activate the HTTP port")
     p.add_argument("--now", action="store_true", help="start the units as well")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="as root, the host-mode system service (provenanced-host.service) instead",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="the address the installed service listens on (overrides metrics.listen)",
+    )
 
-    command(
+    p = command(
         "uninstall", lambda a: _run(_uninstall(a)), "stop, disable and remove what install wrote"
     )
+    p.add_argument("--host", action="store_true", help="the host-mode system service")
 
     p = command(
         "demo", _demo, "boot a sandboxed user manager with a Home Manager tree and watch it"

@@ -124,7 +124,7 @@ def installed(fresh_sandbox: Sandbox, journald: Journald | None) -> Installed:
 class TestPackaging:
     """The units we ship are the ones in packaging/ and systemd accepts them."""
 
-    @pytest.mark.parametrize("name", [SERVICE, SOCKET])
+    @pytest.mark.parametrize("name", [SERVICE, SOCKET, install.HOST_SERVICE])
     def test_packaged_copy_equals_packaging(self, name: str) -> None:
         """src/provenanced/data holds exactly packaging/systemd's files (the source of truth)."""
         assert install.packaged_unit(name) == (PACKAGING / name).read_text()
@@ -146,6 +146,35 @@ class TestPackaging:
             check=False,
         )
         assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+    def test_host_unit_systemd_analyze_verify_is_clean(self, tmp_path: Path) -> None:
+        """`systemd-analyze verify` (system scope) accepts the host unit as installed."""
+        path = tmp_path / install.HOST_SERVICE
+        path.write_text(install.render_unit(install.HOST_SERVICE, Path(CLI)))
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+    def test_listen_goes_to_the_service_or_to_the_socket(self) -> None:
+        """--listen: the service's environment (over the config file), or the socket's address."""
+        service = install.render_unit(SERVICE, Path(CLI), "127.0.0.1:9999")
+        assert f"ExecStart={CLI} run\nEnvironment=PROVENANCED_METRICS__LISTEN=127.0.0.1:9999\n" in (
+            service
+        )
+        socket_unit = install.render_unit(SOCKET, Path(CLI), "[::1]:9999")
+        assert "\nListenStream=[::1]:9999\n" in socket_unit
+        assert "127.0.0.1:10055" not in socket_unit
+        host = install.render_unit(install.HOST_SERVICE, Path(CLI), "0.0.0.0:9999")
+        assert (
+            f"ExecStart={CLI} run --host\nEnvironment=PROVENANCED_METRICS__LISTEN=0.0.0.0:9999\n"
+            in host
+        )
+        assert "`systemctl edit provenanced-host.service`" in host
 
     def test_exec_start_is_quoted_and_escaped(self) -> None:
         """A script path with a space, % or $ still runs that exact file."""

@@ -145,6 +145,8 @@ EXIT_CODES = [
         for value in ("-1", "0", "nan", "inf")
     ),
     pytest.param(("restart", "--verify", WEB), 0, "restarted and verified", id="verified"),
+    pytest.param(("install", "--listen", "nowhere"), 2, "--listen", id="install-listen"),
+    pytest.param(("install", "--host", "--socket"), 2, "--socket", id="install-host-socket"),
 ]
 
 

@@ -1,5 +1,7 @@
-"""``provenanced install`` / ``uninstall``: the user service's unit files, enabled through D-Bus.
+"""``provenanced install`` / ``uninstall``: the service's unit files, enabled through D-Bus.
 
+The user service goes to the user's own unit directory and its user manager; with ``--host``
+the host-mode system service goes to /etc/systemd/system and the system manager.
 Each unit file we write starts with ``HEADER``; that line is how a later install or uninstall
 knows the file is ours. A file without it (a hand-written unit, a Home Manager link) is never
 overwritten or removed.
@@ -36,6 +38,11 @@ from provenanced.systemd.bus import ManagerConnection
 HEADER = "# Installed by provenanced install"
 SERVICE = "provenanced.service"
 SOCKET = "provenanced.socket"
+HOST_SERVICE = "provenanced-host.service"
+HOST_UNIT_DIR = Path("/etc/systemd/system")
+# The system manager's own socket, as `systemctl` reaches it when run by root.
+SYSTEM_MANAGER_ADDRESS = "unix:path=/run/systemd/private"
+LISTEN_VARIABLE = "PROVENANCED_METRICS__LISTEN"
 SCRIPT = "provenanced"
 _PLACEHOLDER = "@BINDIR@/provenanced"
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+@=-]+")
@@ -110,14 +117,28 @@ def exec_path(script: Path) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_unit(name: str, script: Path) -> str:
-    """The unit file as installed: our header, then the template with ExecStart filled in."""
-    template = packaged_unit(name)
+def render_unit(name: str, script: Path, listen: str | None = None) -> str:
+    """The unit file as installed: our header, then the template with ExecStart filled in.
+
+    ``listen`` (``install --listen``) is where the service listens: the socket's ListenStream=,
+    or the service's ``PROVENANCED_METRICS__LISTEN``, which overrides the configuration file.
+    """
+    host = name == HOST_SERVICE
+    systemctl = "systemctl" if host else "systemctl --user"
+    uninstall = "provenanced uninstall --host" if host else "provenanced uninstall"
     header = (
-        f"{HEADER} {__version__}; `provenanced uninstall` removes it.\n"
-        "# Do not edit: `systemctl --user edit " + name + "` keeps changes in a drop-in.\n"
+        f"{HEADER} {__version__}; `{uninstall}` removes it.\n"
+        f"# Do not edit: `{systemctl} edit {name}` keeps changes in a drop-in.\n"
     )
-    return header + template.replace(_PLACEHOLDER, exec_path(script))
+    lines = []
+    for line in packaged_unit(name).replace(_PLACEHOLDER, exec_path(script)).splitlines():
+        key = line.partition("=")[0]
+        if listen is not None and key == "ListenStream":
+            line = f"ListenStream={listen}"
+        lines.append(line)
+        if listen is not None and key == "ExecStart":
+            lines.append(f"Environment={LISTEN_VARIABLE}={listen}")
+    return header + "\n".join(lines) + "\n"
 
 
 def ownership(path: Path) -> Ownership:
@@ -224,20 +245,24 @@ async def install(
     script: Path | None = None,
     state_dir: str | None = None,
     listen: str | None = None,
+    configured_listen: str | None = None,
 ) -> Outcome:
     """Write (or update) the units, enable them, reload, and with ``now`` (re)start them.
 
     Args:
         state_dir: where the baseline lives; when one exists, say it needs re-accepting.
-        listen: the address the service will bind; refused before anything is written when
-            another user already listens on its port.
+        listen: ``--listen``: the address written into the units.
+        configured_listen: the address the service binds without ``listen`` (the socket's or
+            the configuration's). Either is refused before anything is written when another
+            user already listens on its port.
     """
     directory = unit_dir(env)
     script = script or console_script()
     names = [SERVICE, SOCKET] if socket else [SERVICE]
     check_free(directory, [SERVICE, SOCKET])
-    if listen is not None:
-        check_port(listen, os.getuid())
+    bound = listen or configured_listen
+    if bound is not None:
+        check_port(bound, os.getuid())
     outcome = Outcome()
     had_baseline = state_dir is not None and _baseline_exists(state_dir)
     socket_removed = not socket and ownership(directory / SOCKET) == "ours"
@@ -246,7 +271,12 @@ async def install(
         await _stop_and_disable(conn, [SOCKET], outcome)
         remove_units(directory, [SOCKET])
         outcome.lines.append(f"removed {directory / SOCKET}")
-    changed = write_units(directory, {name: render_unit(name, script) for name in names})
+    # With a socket the service binds nothing itself: the address goes to the socket only.
+    rendered = {
+        name: render_unit(name, script, None if socket and name == SERVICE else listen)
+        for name in names
+    }
+    changed = write_units(directory, rendered)
     for name in names:
         verb = "wrote" if name in changed else "up to date:"
         outcome.lines.append(f"{verb} {directory / name}")
@@ -343,4 +373,71 @@ async def uninstall(conn: ManagerConnection, env: Mapping[str, str]) -> Outcome:
             outcome.lines.append(f"left your drop-ins in {dropins}")
     if not ours and not foreign:
         outcome.lines.append(f"nothing to uninstall in {directory}")
+    return outcome
+
+
+# --- host mode: the system service --------------------------------------------------------------
+
+
+async def install_host(
+    conn: ManagerConnection,
+    *,
+    now: bool = False,
+    script: Path | None = None,
+    listen: str | None = None,
+    configured_listen: str,
+    directory: Path = HOST_UNIT_DIR,
+) -> Outcome:
+    """Write (or update) the host-mode system unit, enable it, reload, with ``now`` (re)start it.
+
+    Refused before anything is written when a user's own daemon holds the port it would bind.
+    """
+    if os.geteuid() != 0:
+        raise InstallError("install --host writes a system unit and must run as root")
+    script = script or console_script()
+    check_free(directory, [HOST_SERVICE])
+    check_port(listen or configured_listen, 0, host=True)
+    outcome = Outcome()
+    changed = write_units(directory, {HOST_SERVICE: render_unit(HOST_SERVICE, script, listen)})
+    verb = "wrote" if changed else "up to date:"
+    outcome.lines += [f"{verb} {directory / HOST_SERVICE}", f"ExecStart={script} run --host"]
+    await _enable(conn, [HOST_SERVICE])
+    await manager.reload(conn)
+    outcome.lines.append(f"enabled {HOST_SERVICE} (in multi-user.target)")
+    if now:
+        # What changed restarts, so the new definition runs now.
+        result = await _run_job(conn, "RestartUnit" if changed else "StartUnit", HOST_SERVICE)
+        if result == "done":
+            outcome.lines.append(f"started {HOST_SERVICE}")
+        else:
+            outcome.ok = False
+            outcome.lines.append(
+                f"{HOST_SERVICE} did not start (job {result}); see systemctl status {HOST_SERVICE}"
+            )
+    elif changed:
+        outcome.lines.append(f"start it with: systemctl restart {HOST_SERVICE}")
+    return outcome
+
+
+async def uninstall_host(conn: ManagerConnection, directory: Path = HOST_UNIT_DIR) -> Outcome:
+    """Stop and disable the system unit, remove it if we wrote it, reload; the state stays."""
+    if os.geteuid() != 0:
+        raise InstallError("uninstall --host changes a system unit and must run as root")
+    outcome = Outcome()
+    path = directory / HOST_SERVICE
+    state = ownership(path)
+    if state == "ours":
+        await _stop_and_disable(conn, [HOST_SERVICE], outcome)
+        outcome.lines.append(f"stopped and disabled {HOST_SERVICE}")
+        remove_units(directory, [HOST_SERVICE])
+        outcome.lines.append(f"removed {path}")
+        await manager.reload(conn)
+        outcome.lines.append("kept the per-user state in /var/lib/provenanced")
+    elif state == "foreign":
+        outcome.lines.append(f"left {path} alone: not written by provenanced install")
+    else:
+        outcome.lines.append(f"nothing to uninstall in {directory}")
+    dropins = directory / f"{HOST_SERVICE}.d"
+    if dropins.is_dir() and not dropins.is_symlink():
+        outcome.lines.append(f"left your drop-ins in {dropins}")
     return outcome

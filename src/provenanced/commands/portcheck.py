@@ -33,8 +33,13 @@ def listeners(table: str) -> Iterable[tuple[int, int]]:
         yield int(port, 16), int(fields[7])
 
 
-def check_port(listen: str, uid: int, tables: Iterable[str] = PROC_TABLES) -> None:
-    """Raise PortTakenError, naming the fix, when a uid other than ``uid`` listens on the port."""
+def check_port(
+    listen: str, uid: int, tables: Iterable[str] = PROC_TABLES, *, host: bool = False
+) -> None:
+    """Raise PortTakenError, naming the fix, when a uid other than ``uid`` listens on the port.
+
+    ``host``: the host-mode daemon would bind it; the owner is most likely a user's own daemon.
+    """
     _host, port = parse_listen(listen)
     for path in tables:
         try:
@@ -43,6 +48,12 @@ def check_port(listen: str, uid: int, tables: Iterable[str] = PROC_TABLES) -> No
         except OSError:
             continue
         owners = sorted({owner for p, owner in listeners(text) if p == port and owner != uid})
+        if owners and host:
+            raise PortTakenError(
+                f"port {port} ({listen}) is already taken by uid {owners[0]}, probably that "
+                f"user's own provenanced: run `provenanced uninstall` as that user (host mode "
+                f"follows their manager), or install with --listen HOST:PORT"
+            )
         if owners:
             raise PortTakenError(
                 f"port {port} ({listen}) is already taken by uid {owners[0]}, probably another "

@@ -88,16 +88,22 @@ def _tool(name: str) -> str:
     return path
 
 
-def create_account(base_dir: Path, prefix: str = ACCOUNT_PREFIX) -> Account:
-    """Create a fresh account with a private home under ``base_dir``; no fixed uid."""
+def create_account(
+    base_dir: Path, prefix: str = ACCOUNT_PREFIX, *, create_home: bool = True
+) -> Account:
+    """Create a fresh account with a private home under ``base_dir``; no fixed uid.
+
+    Without ``create_home`` the home is only named: it lives in another mount namespace.
+    """
     if os.geteuid() != 0:
         raise SandboxError("creating test accounts needs root")
-    base_dir.mkdir(parents=True, exist_ok=True)
+    if create_home:
+        base_dir.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}{secrets.token_hex(4)}"
     result = _run_locked(
         [
             _tool("useradd"),
-            "--create-home",
+            "--create-home" if create_home else "--no-create-home",
             "--base-dir",
             str(base_dir),
             "--user-group",

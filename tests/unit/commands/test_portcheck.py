@@ -31,6 +31,14 @@ class TestCheckPort:
         with pytest.raises(PortTakenError, match=r"uid 1001.*metrics\.listen.*run --host"):
             check_port("127.0.0.1:10071", 1002, [str(table)])
 
+    def test_a_users_daemon_on_the_host_port_names_uninstall(self, tmp_path: Path) -> None:
+        """install --host over a user's own daemon: uninstall it as that user, or --listen."""
+        table = tmp_path / "tcp"
+        table.write_text(TABLE)
+        with pytest.raises(PortTakenError, match=r"uid 1001.*provenanced uninstall.*--listen"):
+            check_port("127.0.0.1:10071", 0, [str(table)], host=True)
+        check_port("127.0.0.1:22", 0, [str(table)], host=True)  # root's own listener
+
     def test_own_listener_or_free_port_is_fine(self, tmp_path: Path) -> None:
         """A reinstall over one's own running daemon, or a free port, passes."""
         table = tmp_path / "tcp"
