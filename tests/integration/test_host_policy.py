@@ -265,9 +265,11 @@ class TestHostReload:
                 assert _policy(daemon, judy).resync_interval == 1800
                 config.write_text(_config(host_sandbox, tmp_path, [judy]))
                 hup.set()
+                # Logged once the engine has stopped, after its status went.
                 await eventually(
-                    lambda: daemon.engine(ivan.account.name) is None, WAIT, "ivan dropped"
+                    lambda: _events(logs, "host.user_dropped", ivan), WAIT, "ivan dropped"
                 )
+                assert daemon.engine(ivan.account.name) is None
                 assert ivan.account.name not in daemon.statuses()
                 assert _ready(daemon, judy)
                 await eventually(

@@ -283,13 +283,16 @@ class HostDaemon:
         followed.stop.set()
         if followed.policy_task is not None:
             followed.policy_task.cancel()
-        if followed.task is not None:
-            # asyncio.wait neither raises the task's end nor cancels it at the deadline.
-            _done, pending = await asyncio.wait([followed.task], timeout=_STOP_GRACE)
-            for task in pending:
-                task.cancel()
-        followed.thread.close()
-        log.info("host.user_dropped", user=followed.manager.name, uid=uid, reason=reason)
+        try:
+            if followed.task is not None:
+                # asyncio.wait neither raises the task's end nor cancels it at the deadline.
+                _done, pending = await asyncio.wait([followed.task], timeout=_STOP_GRACE)
+                for task in pending:
+                    task.cancel()
+        finally:
+            # Also when the daemon stops during the wait: the thread must not outlive the user.
+            followed.thread.close()
+            log.info("host.user_dropped", user=followed.manager.name, uid=uid, reason=reason)
 
     def _publish(self) -> None:
         self._engines = MappingProxyType(
