@@ -2,8 +2,9 @@
 
 `python -m bench.hostdaemon [USERS] [UNITS] [CHANGES]` boots USERS accounts (default 20), each
 with UNITS Home Manager services (default 200), runs the host daemon in this process, and
-reports its memory once every user's first audit is done, then CHANGES edits (default 100,
-spread over the users) timed from the write to the finding in that user's published status.
+reports its memory and the median of idle /metrics scrapes once every user's first audit is
+done, then CHANGES edits (default 100, spread over the users) timed from the write to the finding
+in that user's published status.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench.hostusers import _memory_kib, _units
+from bench.http import get
 from bench.stats import median, ms, percentile
 from provenanced.config import Settings
 from provenanced.daemon.host import HostDaemon
@@ -29,6 +31,17 @@ def _edit(user: UserSandbox, index: int) -> str:
     path.write_text(f"[Service]\nExecStart=/bin/true {index}\n")
     os.chown(path, user.account.uid, user.account.gid)
     return str(path)
+
+
+_SCRAPES = 50
+
+
+def _scrapes(address: tuple[str, int]) -> tuple[list[float], int]:
+    """Seconds of each idle scrape after a first one (it may render); the body's size."""
+    get(*address)
+    replies = [get(*address) for _ in range(_SCRAPES)]
+    assert all(r.status == 200 for r in replies)
+    return [r.seconds for r in replies], len(replies[-1].body)
 
 
 def _found(findings: tuple[Finding, ...], path: str) -> bool:
@@ -53,6 +66,8 @@ async def _run(host: HostSandbox, users: list[UserSandbox], changes: int, state:
         await asyncio.sleep(0.05)
     ready = time.monotonic() - start
     after = _memory_kib()
+    assert daemon.http is not None
+    scrapes, size = await asyncio.to_thread(_scrapes, daemon.http.address)
     latencies = []
     for i in range(changes):
         user = users[i % len(users)]
@@ -71,6 +86,10 @@ async def _run(host: HostSandbox, users: list[UserSandbox], changes: int, state:
         f"daemon memory, all ready: RSS +{(after[0] - before[0]) / 1024:.1f} MiB over the "
         f"process before it ({after[0] / 1024:.1f} MiB in all); after the edits "
         f"{final[0] / 1024:.1f} MiB in all"
+    )
+    print(
+        f"{_SCRAPES} idle /metrics scrapes ({size} bytes): median {ms(median(scrapes))}, "
+        f"p99 {ms(percentile(scrapes, 99))}"
     )
     print(
         f"{changes} edits: write -> finding median {ms(median(latencies))}, "

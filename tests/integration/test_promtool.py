@@ -76,6 +76,23 @@ def server() -> Iterator[HttpServer]:
     endpoint.stop()
 
 
+@pytest.fixture(scope="module")
+def host_server() -> Iterator[HttpServer]:
+    """A host-mode endpoint: two users' statuses and counters, each series labelled with its user."""
+    statuses = {"alice": _status(), "bob": DaemonStatus(manager_connected=False)}
+    telemetry = Telemetry(lambda: statuses, host=True)
+    for name in statuses:
+        view = telemetry.for_user(name)
+        view.record_reload("content-hash", "failed")
+        view.observe_resync(0.3)
+        view.record_dbus_call("GetAll", "ok")
+    endpoint = start_http_server(
+        "127.0.0.1:0", telemetry.registry, lambda: statuses, version=lambda: telemetry.version
+    )
+    yield endpoint
+    endpoint.stop()
+
+
 def _scrape(server: HttpServer, accept: str = "") -> bytes:
     conn = http.client.HTTPConnection(*server.address, timeout=10)
     try:
@@ -148,3 +165,15 @@ class TestScrape:
         assert len(findings) == 4
         assert 'provenanced_findings{kind="stale-load"} 1.0' in lines
         assert 'provenanced_findings{kind="masked"} 0.0' in lines
+
+    def test_host_mode_scrape_is_silent_and_per_user(self, host_server: HttpServer) -> None:
+        """promtool check metrics finds nothing to lint with the user label; the series the
+        rules alert on carry it."""
+        body = _scrape(host_server)
+        result = _promtool("check", "metrics", stdin=body)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+        lines = body.decode().splitlines()
+        assert 'provenanced_manager_connected{user="bob"} 0.0' in lines
+        assert 'provenanced_findings{kind="stale-load",user="alice"} 1.0' in lines
+        failed = 'provenanced_reloads_total{result="failed",trigger="content-hash",user="bob"} 1.0'
+        assert failed in lines

@@ -133,6 +133,7 @@ class HostDaemon:
             self.statuses,
             fd=fds[0] if fds else None,
             stalled_for=LoopProbe(asyncio.get_running_loop()).stalled_for,
+            version=lambda: self.telemetry.version,
         )
         return self.http
 
@@ -280,6 +281,7 @@ class HostDaemon:
     async def _drop(self, uid: int, reason: str) -> None:
         followed = self._followed.pop(uid)
         self._publish()  # its findings go now, not when its engine has stopped
+        followed.engine.telemetry.retire()  # and its counters: no series outlives its user
         followed.stop.set()
         if followed.policy_task is not None:
             followed.policy_task.cancel()

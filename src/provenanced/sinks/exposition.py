@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -14,8 +14,10 @@ class Exposition:
     """Renders ``registry`` and keeps the bytes until the status or a counter changes.
 
     ``version`` must move whenever a counter or histogram in the registry does; without it every
-    scrape renders (host mode: its statuses are a new mapping each time, nothing to key on). The key is read before rendering, so a body may be newer than its key but
-    never older: a change during a render costs one more render, never a stale scrape.
+    scrape renders. The status is the same while it is the same object, or (host mode, a new
+    mapping per call) while it maps the same users to the same status objects. The key is read
+    before rendering, so a body may be newer than its key but never older: a change during a
+    render costs one more render, never a stale scrape.
     """
 
     def __init__(
@@ -41,10 +43,19 @@ class Exposition:
         with self._lock:
             status, version = self._get_status(), self._version()
             cached = self._cache.get(fmt)
-            if cached is not None and cached[0] is status and cached[1] == version:
+            if cached is not None and _same(cached[0], status) and cached[1] == version:
                 return cached[2], content_type
             body = encoder(self._registry)
             if gzipped:
                 body = gzip.compress(body)
             self._cache[fmt] = (status, version, body)
             return body, content_type
+
+
+def _same(old: object, new: object) -> bool:
+    """Whether a status is unchanged: the same object, or a mapping of the same objects."""
+    if old is new:
+        return True
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping) or old.keys() != new.keys():
+        return False
+    return all(old[key] is new[key] for key in old)

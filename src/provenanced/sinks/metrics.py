@@ -49,8 +49,11 @@ def _counts(method: Callable[P, None]) -> Callable[P, None]:
 
     @functools.wraps(method)
     def counted(*args: P.args, **kwargs: P.kwargs) -> None:
+        telemetry = cast("Telemetry", args[0])
+        if telemetry._retired:
+            return
         method(*args, **kwargs)
-        cast("Telemetry", args[0])._version.move()
+        telemetry._version.move()
 
     return counted
 
@@ -87,6 +90,7 @@ class Telemetry:
         # Host mode: every series names its user; ``for_user`` gives the view an engine records to.
         user: list[str] = ["user"] if host else []
         self._user: dict[str, str] = {}
+        self._retired = False
         self._reload_triggers = tuple(reload_triggers)
         self._detected = Counter(
             "provenanced_findings_detected",
@@ -161,6 +165,11 @@ class Telemetry:
             [*user, "sink", "result"],
             registry=reg,
         )
+        self._per_user: tuple[Counter | Histogram, ...] = (
+            self._detected, self._resolved, self._reloads, self._heals, self._jobs_unverified,
+            self._resync, self._latency, self._dbus_calls, self._reconnects, self._overflows,
+            self._alerts,
+        )  # fmt: skip
         if not host:
             self._preinitialise(self._reload_triggers)
         reg.register(StatusCollector(get_status))
@@ -176,6 +185,16 @@ class Telemetry:
         view._user = {"user": name}
         view._preinitialise(self._reload_triggers)
         return view
+
+    def retire(self) -> None:
+        """Remove every series of this view's user, whose manager left, and record no more.
+
+        A departed user's series would otherwise stay on /metrics, and alerts on them with it.
+        """
+        self._retired = True  # an engine still stopping records nothing that would bring them back
+        for metric in self._per_user:
+            metric.remove_by_labels(self._user)
+        self._version.move()
 
     def _labels(self, metric: _Metric, **labels: str) -> _Metric:
         """The child of ``metric`` for ``labels`` plus this view's user (if any)."""

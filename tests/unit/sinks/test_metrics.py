@@ -354,3 +354,27 @@ class TestHostMode:
         assert get("provenanced_dbus_reconnects_total", {"user": "alice"}) == 1
         assert get("provenanced_detection_latency_seconds_count", {"user": "alice"}) == 1
         assert get("provenanced_findings_detected_total", {"user": "bob", "kind": "masked"}) is None
+
+    def test_a_retired_view_takes_its_users_series_and_records_no_more(self) -> None:
+        """retire() removes every series of that user, moves the version, and later events of
+        an engine still stopping bring none back; other users keep theirs."""
+        telemetry = Telemetry(dict, host=True)
+        alice, bob = telemetry.for_user("alice"), telemetry.for_user("bob")
+        for view in (alice, bob):
+            view.record_reload("content-hash", "failed")
+            view.observe_resync(0.2)
+            view.record_dbus_call("GetAll", "ok")
+        version = telemetry.version
+
+        alice.retire()
+        alice.record_reconnect()
+        alice.record_alert("journal", "ok")
+        users = {
+            sample.labels.get("user")
+            for family in telemetry.registry.collect()
+            for sample in family.samples
+        }
+        assert users == {None, "bob"}
+        assert telemetry.version > version
+        failed = {"user": "bob", "trigger": "content-hash", "result": "failed"}
+        assert telemetry.registry.get_sample_value("provenanced_reloads_total", failed) == 1
