@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
     if settings.scope == "host":
         from provenanced.daemon.host import serve_host
 
-        asyncio.run(serve_host(settings, args.config))
+        # A reload reads the configuration as start-up did (--host or scope = "host").
+        reread = partial(load_settings, args.config, host=args.host)
+        asyncio.run(serve_host(settings, args.config, reread))
         return EXIT_OK
     from provenanced.daemon.service import serve
 

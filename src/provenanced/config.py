@@ -240,6 +240,20 @@ class Settings(BaseSettings):
         return posixpath.join(state_home, "provenanced")
 
 
+class _PolicyFile(_Section):
+    """A user's own policy file in host mode: a ``[policy]`` table and nothing else."""
+
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+
+def validate_policy_file(data: Mapping[str, Any], source: str) -> PolicySettings:
+    """The file's ``[policy]`` table, validated; ``model_fields_set`` names the keys it sets."""
+    try:
+        return _PolicyFile.model_validate(data).policy
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
+
+
 SYSTEM_CONFIG_PATH = Path("/etc/provenanced/config.toml")
 
 
@@ -265,19 +279,11 @@ def load_settings(
     # Without a file, whatever is invalid came from the environment.
     source = "environment"
     try:
-        data = tomllib.loads(read_config_file(path).decode("utf-8"))
+        data = read_toml_file(path)
         source = str(path)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {' '.join(str(exc).split())}") from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
     if host:
         data["scope"] = "host"
     try:
@@ -288,6 +294,22 @@ def load_settings(
         # pydantic-settings decodes list and table variables as JSON (from os.environ, whatever
         # ``env`` says) and its error names only the section: name the variable instead.
         raise ConfigError(f"environment: {_describe_bad_json(os.environ)}") from exc
+
+
+def read_toml_file(path: Path) -> dict[str, Any]:
+    """The TOML table in ``path``; FileNotFoundError passes, any other problem is a ConfigError."""
+    try:
+        return tomllib.loads(read_config_file(path).decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {' '.join(str(exc).split())}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
 
 
 def read_config_file(path: Path) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -15,6 +16,7 @@ from provenanced.config import Settings, load_settings
 from provenanced.daemon import notify
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
+from provenanced.daemon.reload import reload_on_request
 from provenanced.daemon.tasks import run_until
 from provenanced.model import DaemonStatus
 from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
@@ -99,25 +101,13 @@ class Daemon:
 
     async def reload_config_on_signal(self, requested: asyncio.Event) -> None:
         """SIGHUP: re-read the configuration; a broken one is logged and the old one stays."""
-        while True:
-            await requested.wait()
-            requested.clear()
-            notify.reloading()
-            try:
-                # In a thread: a slow file system must not stall the loop (or the watchdog).
-                settings = await asyncio.to_thread(load_settings, self._config_path)
-            except Exception as exc:
-                log.error("config.reload_failed", error=str(exc))
-            else:
-                current = self.engine.settings
-                pending = [
-                    s for s in _RESTART_SECTIONS if getattr(settings, s) != getattr(current, s)
-                ]
-                self.engine.follow_settings(settings)
-                if pending:
-                    log.warning("config.restart_needed", sections=pending)
-                log.info("config.reloaded")
-            notify.notify("READY=1", "STATUS=configuration reloaded")
+        await reload_on_request(
+            requested,
+            partial(load_settings, self._config_path),
+            lambda: self.engine.settings,
+            self.engine.follow_settings,
+            _RESTART_SECTIONS,
+        )
 
 
 async def serve(settings: Settings, config_path: Path | None) -> None:
