@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from daemonkit import WAIT, eventually
@@ -39,7 +39,9 @@ def restore_link(user: UserSandbox, target: str) -> Path:
     return path
 
 
-def host_settings(host: HostSandbox, state_root: Path, users: list[UserSandbox]) -> Settings:
+def host_settings(
+    host: HostSandbox, state_root: Path, users: list[UserSandbox], **policy: object
+) -> Settings:
     """Settings for an in-process host daemon following just ``users``, on any free port."""
     return Settings(
         scope="host",
@@ -49,17 +51,24 @@ def host_settings(host: HostSandbox, state_root: Path, users: list[UserSandbox])
             "allow_users": [u.account.name for u in users],
         },
         metrics={"listen": "127.0.0.1:0"},
-        policy={"quiet_window": 0.2, "alert_min_interval": 0},
+        policy={"quiet_window": 0.2, "alert_min_interval": 0, **policy},
         log={"format": "logfmt", "level": "warning"},
     )
 
 
 @contextlib.asynccontextmanager
-async def running_host(settings: Settings) -> AsyncIterator[HostDaemon]:
-    """The host daemon on the test's loop, past its first discovery; stopped (bounded) after."""
-    daemon = HostDaemon(settings)
+async def running_host(
+    settings: Settings,
+    load: Callable[[], Settings] | None = None,
+    hup: asyncio.Event | None = None,
+) -> AsyncIterator[HostDaemon]:
+    """The host daemon on the test's loop, past its first discovery; stopped (bounded) after.
+
+    ``load`` re-reads the configuration when ``hup`` is set, as SIGHUP does.
+    """
+    daemon = HostDaemon(settings, load=load)
     stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop), name="test.host")
+    task = asyncio.create_task(daemon.run(stop, hup), name="test.host")
     try:
         await eventually(lambda: daemon.discovered.is_set() or task.done(), WAIT, "discovery")
         if task.done():

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,69 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemonkit import WAIT, eventually, http_get
 from helpers import wait_until
-from provenanced.config import Settings
+from hostkit import EDITED, UNIT, host_settings, replace_link, running_host, user_has, user_ready
 from provenanced.daemon.discovery import Logind
 from provenanced.daemon.host import HostDaemon
 from provenanced.model import FindingKind
-from provenanced.sandbox import HostSandbox, Journald, UserSandbox
+from provenanced.sandbox import HostSandbox, Journald
 
 pytestmark = [pytest.mark.integration, pytest.mark.host]
 
-UNIT = "podman-web.service"
-EDITED = "[Service]\nExecStart=/bin/sleep 60\n"
 SHADOW = Path("/etc/shadow")
-
-
-def _replace_link(user: UserSandbox) -> Path:
-    """The user replaces their managed unit link with an edited copy (a link-replaced finding)."""
-    path = user.config_dir / UNIT
-    path.unlink()
-    path.write_text(EDITED)
-    os.chown(path, user.account.uid, user.account.gid)
-    return path
-
-
-def _settings(
-    host: HostSandbox, tmp_path: Path, users: list[UserSandbox], **policy: object
-) -> Settings:
-    return Settings(
-        scope="host",
-        host={
-            "runtime_root": str(host.runtime_root),
-            "state_root": str(tmp_path / "state"),
-            "allow_users": [u.account.name for u in users],
-        },
-        metrics={"listen": "127.0.0.1:0"},
-        policy={"quiet_window": 0.2, "alert_min_interval": 0, **policy},
-        log={"format": "logfmt", "level": "warning"},
-    )
-
-
-@contextlib.asynccontextmanager
-async def _running(settings: Settings) -> AsyncIterator[HostDaemon]:
-    daemon = HostDaemon(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop), name="test.host")
-    try:
-        await eventually(lambda: daemon.discovered.is_set() or task.done(), WAIT, "discovery")
-        if task.done():
-            task.result()
-        yield daemon
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await task
-
-
-def _ready(daemon: HostDaemon, user: UserSandbox) -> bool:
-    engine = daemon.engine(user.account.name)
-    return engine is not None and engine.status.ready
-
-
-def _has(daemon: HostDaemon, user: UserSandbox, kind: FindingKind, path: Path) -> bool:
-    engine = daemon.engine(user.account.name)
-    findings = engine.status.findings if engine else ()
-    return any(f.kind is kind and f.path == str(path) for f in findings)
 
 
 def _samples(daemon: HostDaemon, name: str) -> list[dict[str, str]]:
@@ -107,11 +51,15 @@ class TestHostDaemon:
     ) -> None:
         """Two users: only the one who edited has the finding, on /metrics and ?user=."""
         alice, bob = host_sandbox.add_user(), host_sandbox.add_user()
-        async with _running(_settings(host_sandbox, tmp_path, [alice, bob])) as daemon:
-            await eventually(lambda: _ready(daemon, alice) and _ready(daemon, bob), WAIT, "ready")
-            path = _replace_link(alice)
+        async with running_host(
+            host_settings(host_sandbox, tmp_path / "state", [alice, bob])
+        ) as daemon:
             await eventually(
-                lambda: _has(daemon, alice, FindingKind.LINK_REPLACED, path), WAIT, "detected"
+                lambda: user_ready(daemon, alice) and user_ready(daemon, bob), WAIT, "ready"
+            )
+            path = replace_link(alice)
+            await eventually(
+                lambda: user_has(daemon, alice, FindingKind.LINK_REPLACED, path), WAIT, "detected"
             )
             replaced = [
                 s for s in _samples(daemon, "provenanced_finding") if s["kind"] == "link-replaced"
@@ -135,8 +83,10 @@ class TestHostDaemon:
         """A unit linked to /etc/shadow is a finding, but its hash is nowhere the daemon answers."""
         mallory = host_sandbox.add_user()
         link = mallory.config_dir / "shadow.service"
-        async with _running(_settings(host_sandbox, tmp_path, [mallory])) as daemon:
-            await eventually(lambda: _ready(daemon, mallory), WAIT, "ready")
+        async with running_host(
+            host_settings(host_sandbox, tmp_path / "state", [mallory])
+        ) as daemon:
+            await eventually(lambda: user_ready(daemon, mallory), WAIT, "ready")
             link.symlink_to(SHADOW)
             os.chown(link, mallory.account.uid, mallory.account.gid, follow_symlinks=False)
             engine = daemon.engine(mallory.account.name)
@@ -160,10 +110,12 @@ class TestHostDaemon:
     async def test_heal_writes_as_the_user(self, host_sandbox: HostSandbox, tmp_path: Path) -> None:
         """A replaced link healed by the root daemon: the new link and quarantine are the user's."""
         carol = host_sandbox.add_user()
-        settings = _settings(host_sandbox, tmp_path, [carol], heal={"link-replaced": "heal"})
-        async with _running(settings) as daemon:
-            await eventually(lambda: _ready(daemon, carol), WAIT, "ready")
-            path = _replace_link(carol)
+        settings = host_settings(
+            host_sandbox, tmp_path / "state", [carol], heal={"link-replaced": "heal"}
+        )
+        async with running_host(settings) as daemon:
+            await eventually(lambda: user_ready(daemon, carol), WAIT, "ready")
+            path = replace_link(carol)
             await eventually(lambda: path.is_symlink(), WAIT, "healed")
             assert path.lstat().st_uid == carol.account.uid
             quarantine = carol.home / ".local/state/provenanced/quarantine"
@@ -178,13 +130,17 @@ class TestHostDaemon:
         """A manager started later is followed; one that leaves is dropped with its findings."""
         dave = host_sandbox.add_user()
         erin = host_sandbox.add_user(boot=False)
-        path = _replace_link(erin)
-        async with _running(_settings(host_sandbox, tmp_path, [dave, erin])) as daemon:
-            await eventually(lambda: _ready(daemon, dave), WAIT, "ready")
+        path = replace_link(erin)
+        async with running_host(
+            host_settings(host_sandbox, tmp_path / "state", [dave, erin])
+        ) as daemon:
+            await eventually(lambda: user_ready(daemon, dave), WAIT, "ready")
             assert daemon.engine(erin.account.name) is None
             erin.start()
             await eventually(
-                lambda: _has(daemon, erin, FindingKind.LINK_REPLACED, path), WAIT, "late manager"
+                lambda: user_has(daemon, erin, FindingKind.LINK_REPLACED, path),
+                WAIT,
+                "late manager",
             )
             assert erin.account.name in {s["user"] for s in _samples(daemon, "provenanced_ready")}
             host_sandbox.remove_user(erin)
@@ -192,21 +148,27 @@ class TestHostDaemon:
             users = {s["user"] for s in _samples(daemon, "provenanced_finding")}
             assert erin.account.name not in users
             assert _findings_api(daemon, f"?user={erin.account.name}")[0] == 404
-            assert _ready(daemon, dave)
+            assert user_ready(daemon, dave)
 
     async def test_a_frozen_manager_does_not_delay_another_user(
         self, host_sandbox: HostSandbox, tmp_path: Path
     ) -> None:
         """One user's manager SIGSTOPped: another user's drift is still detected."""
         frank, grace = host_sandbox.add_user(), host_sandbox.add_user()
-        async with _running(_settings(host_sandbox, tmp_path, [frank, grace])) as daemon:
-            await eventually(lambda: _ready(daemon, frank) and _ready(daemon, grace), WAIT, "ready")
+        async with running_host(
+            host_settings(host_sandbox, tmp_path / "state", [frank, grace])
+        ) as daemon:
+            await eventually(
+                lambda: user_ready(daemon, frank) and user_ready(daemon, grace), WAIT, "ready"
+            )
             os.kill(frank.manager_pid, signal.SIGSTOP)
             try:
-                _replace_link(frank)  # its re-read now waits on a manager that never answers
-                path = _replace_link(grace)
+                replace_link(frank)  # its re-read now waits on a manager that never answers
+                path = replace_link(grace)
                 await eventually(
-                    lambda: _has(daemon, grace, FindingKind.LINK_REPLACED, path), WAIT, "detected"
+                    lambda: user_has(daemon, grace, FindingKind.LINK_REPLACED, path),
+                    WAIT,
+                    "detected",
                 )
             finally:
                 os.kill(frank.manager_pid, signal.SIGCONT)
@@ -220,11 +182,11 @@ class TestHostJournal:
     ) -> None:
         """PROVENANCED_USER, OBJECT_UID and OBJECT_SYSTEMD_USER_UNIT on the real journald."""
         heidi = host_sandbox.add_user()
-        async with _running(_settings(host_sandbox, tmp_path, [heidi])) as daemon:
-            await eventually(lambda: _ready(daemon, heidi), WAIT, "ready")
-            path = _replace_link(heidi)
+        async with running_host(host_settings(host_sandbox, tmp_path / "state", [heidi])) as daemon:
+            await eventually(lambda: user_ready(daemon, heidi), WAIT, "ready")
+            path = replace_link(heidi)
             await eventually(
-                lambda: _has(daemon, heidi, FindingKind.LINK_REPLACED, path), WAIT, "detected"
+                lambda: user_has(daemon, heidi, FindingKind.LINK_REPLACED, path), WAIT, "detected"
             )
 
         def entry() -> dict[str, str] | None:

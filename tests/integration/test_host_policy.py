@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from daemonkit import WAIT, eventually
 from helpers import wait_until
+from hostkit import replace_link, running_host
 from provenanced.config import PolicySettings, Settings, load_settings
 from provenanced.daemon.host import HostDaemon
 from provenanced.model import FindingKind
@@ -26,7 +27,6 @@ from provenanced.sandbox import HostSandbox, UserSandbox
 
 pytestmark = [pytest.mark.integration, pytest.mark.host]
 
-UNIT = "podman-web.service"
 SHADOW = Path("/etc/shadow")
 HOST_POLICY = {"quiet_window": 0.2, "alert_min_interval": 0}
 
@@ -82,35 +82,6 @@ def _own_dirs(user: UserSandbox, directory: Path) -> None:
         os.chown(path, user.account.uid, user.account.gid)
 
 
-def _replace_link(user: UserSandbox) -> Path:
-    """The user replaces their managed unit link with an edited copy (stale until a reload)."""
-    path = user.config_dir / UNIT
-    path.unlink()
-    path.write_text("[Service]\nExecStart=/bin/sleep 60\n")
-    os.chown(path, user.account.uid, user.account.gid)
-    return path
-
-
-@contextlib.asynccontextmanager
-async def _running(
-    settings: Settings,
-    load: Callable[[], Settings] | None = None,
-    hup: asyncio.Event | None = None,
-) -> AsyncIterator[HostDaemon]:
-    daemon = HostDaemon(settings, load=load)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop, hup), name="test.host")
-    try:
-        await eventually(lambda: daemon.discovered.is_set() or task.done(), WAIT, "discovery")
-        if task.done():
-            task.result()
-        yield daemon
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await task
-
-
 def _ready(daemon: HostDaemon, *users: UserSandbox) -> bool:
     engines = [daemon.engine(u.account.name) for u in users]
     return all(e is not None and e.status.ready for e in engines)
@@ -160,16 +131,16 @@ class TestUserPolicyFile:
         alice, bob = host_sandbox.add_user(), host_sandbox.add_user()
         policy = _write_policy(alice, '[policy]\nneed_daemon_reload = "flag"\n')
         with capture_logs() as logs:
-            async with _running(_settings(host_sandbox, tmp_path, [alice, bob])) as daemon:
+            async with running_host(_settings(host_sandbox, tmp_path, [alice, bob])) as daemon:
                 await eventually(lambda: _ready(daemon, alice, bob), WAIT, "ready")
                 assert _policy(daemon, alice).need_daemon_reload == "flag"
                 assert _policy(daemon, bob).need_daemon_reload == "reload"
                 # alice's edit comes first: by the time bob's is reloaded, hers would have been.
-                _replace_link(alice)
+                replace_link(alice)
                 await eventually(
                     lambda: FindingKind.STALE_LOAD in _kinds(daemon, alice), WAIT, "alice stale"
                 )
-                _replace_link(bob)
+                replace_link(bob)
                 await eventually(
                     lambda: (
                         _reloads(daemon, bob) >= 1
@@ -208,12 +179,12 @@ class TestUserPolicyFile:
         )
         users = [mallory, trudy, peggy]
         with capture_logs() as logs:
-            async with _running(_settings(host_sandbox, tmp_path, users)) as daemon:
+            async with running_host(_settings(host_sandbox, tmp_path, users)) as daemon:
                 await eventually(lambda: _ready(daemon, *users), WAIT, "ready")
                 for user in users:
                     assert _policy(daemon, user) == PolicySettings(**HOST_POLICY)
                 # peggy's engine works as any other.
-                _replace_link(peggy)
+                replace_link(peggy)
                 await eventually(
                     lambda: FindingKind.LINK_REPLACED in _kinds(daemon, peggy), WAIT, "detected"
                 )
@@ -247,7 +218,7 @@ class TestHostReload:
         hup = asyncio.Event()
         load = partial(load_settings, config, host=True)
         with capture_logs() as logs:
-            async with _running(load(), load, hup) as daemon:
+            async with running_host(load(), load, hup) as daemon:
                 await eventually(lambda: _ready(daemon, ivan), WAIT, "ivan ready")
                 assert daemon.engine(judy.account.name) is None
                 _write_policy(ivan, '[policy]\nneed_daemon_reload = "flag"\n')
@@ -292,7 +263,7 @@ class TestHostReload:
         hup = asyncio.Event()
         load = partial(load_settings, config, host=True)
         with capture_logs() as logs:
-            async with _running(load(), load, hup) as daemon:
+            async with running_host(load(), load, hup) as daemon:
                 await eventually(lambda: _ready(daemon, kate), WAIT, "ready")
                 before = daemon.settings
                 config.write_text("[host\nallow_users = []\n")
