@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd-python builds from source; the tests boot a real systemd --user, journald and promtool.
+# systemd-python builds from source; the tests boot a real systemd --user, journald and promtool,
+# and mount a real FUSE file system (libfuse 3 and fusermount3).
 build_deps=(gcc pkg-config libsystemd-dev)
 runtime_deps=(systemd dbus-daemon dbus-user-session)
-test_deps=(prometheus)
+test_deps=(prometheus fuse3)
 
 wanted=("${build_deps[@]}" "${runtime_deps[@]}")
 [[ "${1:-}" == "--test" ]] && wanted+=("${test_deps[@]}")
@@ -20,7 +21,7 @@ done
 if ((${#missing[@]})); then
     if [[ $EUID -ne 0 ]]; then
         echo "provenanced: missing packages: ${missing[*]}; run: sudo apt-get install ${missing[*]}" \
-             "(Fedora: sudo dnf install gcc pkgconf systemd-devel dbus-daemon golang-github-prometheus)" >&2
+             "(Fedora: sudo dnf install gcc pkgconf systemd-devel dbus-daemon golang-github-prometheus fuse3)" >&2
         exit 2
     fi
     echo "bootstrap: installing ${missing[*]}" >&2

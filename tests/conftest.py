@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ _MANAGER_MARKERS = frozenset({"integration", "fault", "e2e"})
 _E2E_MARKERS = frozenset({"e2e"})
 _HOST_MARKERS = frozenset({"host"})
 _DPKG_MARKERS = frozenset({"dpkg"})
+_FUSE_MARKERS = frozenset({"fuse"})
 _DBUS_SOCKET_UNITS = ("/usr/lib/systemd/user/dbus.socket", "/lib/systemd/user/dbus.socket")
 
 
@@ -72,6 +74,16 @@ _PARTS = (
         "dpkg and dpkg-deb on PATH, as root (dpkg --root installs owned by root)",
         lambda: bool(shutil.which("dpkg") and shutil.which("dpkg-deb")) and os.geteuid() == 0,
         _DPKG_MARKERS,
+    ),
+    _Part(
+        "FUSE: /dev/fuse, fusermount3 (Debian: fuse3) and mfusepy, as root",
+        lambda: (
+            os.path.exists("/dev/fuse")
+            and shutil.which("fusermount3") is not None
+            and importlib.util.find_spec("mfusepy") is not None
+            and os.geteuid() == 0
+        ),
+        _FUSE_MARKERS,
     ),
     _Part(
         "promtool on PATH (Debian: prometheus)",

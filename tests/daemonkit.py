@@ -23,7 +23,7 @@ from provenanced.config import Settings
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.service import Daemon
 from provenanced.model import FindingKind
-from provenanced.sandbox import Sandbox
+from provenanced.sandbox import HostSandbox, Sandbox
 
 WEB = "podman-web.service"
 # Every wait is bounded generously (a shared 2-core box), and every one polls: no fixed sleeps.
@@ -127,14 +127,15 @@ _LISTENING = re.compile(r"event=http\.listening host=\S+ port=(\d+)")
 
 
 class DaemonProcess:
-    """``python -m provenanced run`` as a child process, optionally behind a wrapper command."""
+    """``python -m provenanced run [ARGS]`` as a child process, optionally behind a wrapper."""
 
     def __init__(
         self,
-        sandbox: Sandbox,
+        sandbox: Sandbox | HostSandbox,
         workdir: Path,
         config: str,
         wrapper: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         self.sandbox = sandbox
         self.config_path = workdir / "config.toml"
@@ -150,6 +151,7 @@ class DaemonProcess:
             "--config",
             str(self.config_path),
             "run",
+            *args,
         ]
         self.proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
@@ -226,14 +228,15 @@ class DaemonProcess:
 
 @contextlib.contextmanager
 def daemon_process(
-    sandbox: Sandbox,
+    sandbox: Sandbox | HostSandbox,
     workdir: Path,
     config: str,
     wrapper: Sequence[str] = (),
     ready_timeout: float = WAIT,
+    args: Sequence[str] = (),
 ) -> Iterator[DaemonProcess]:
     """A ready daemon process; always stopped (and reaped) on the way out."""
-    proc = DaemonProcess(sandbox, workdir, config, wrapper)
+    proc = DaemonProcess(sandbox, workdir, config, wrapper, args)
     try:
         proc.wait_ready(ready_timeout)
         yield proc

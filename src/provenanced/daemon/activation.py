@@ -45,6 +45,15 @@ class Verdict:
     transitions: list[Transition]
 
 
+@dataclass(frozen=True, slots=True)
+class Roots:
+    """Home Manager's links as read for one look: the two gcroots and the profile."""
+
+    current_home: Root
+    new_home: Root
+    profile: Root
+
+
 def _root(path: str) -> Root:
     """Where a Home Manager link leads and when it was last replaced; absent: an empty Root."""
     try:
@@ -80,6 +89,17 @@ class Activation:
         """Whether findings, reloads and heals are held back right now."""
         return self._since is not None
 
+    def read_roots(self) -> Roots:
+        """Where the gcroots and the profile lead now; blocking I/O, for the engine's executor.
+
+        They resolve into the store: on a mount that hangs, this hangs too, never the loop.
+        """
+        return Roots(
+            current_home=_root(posixpath.join(self.gcroots_dir, "current-home")),
+            new_home=_root(posixpath.join(self.gcroots_dir, "new-home")),
+            profile=_root(self.profile),
+        )
+
     def published(self, current: Mapping[Key, Finding]) -> tuple[Finding, ...]:
         """The findings to publish: as before the activation while holding, else ``current``."""
         return tuple((self._before if self.holding else current).values())
@@ -100,12 +120,14 @@ class Activation:
         published: tuple[Finding, ...],
         transitions: list[Transition],
         now: float,
+        roots: Roots,
     ) -> Verdict:
-        """Decide whether to hold; ``transitions`` are the update's, ``published`` what is out."""
+        """Decide whether to hold; ``transitions`` are the update's, ``published`` what is out,
+        ``roots`` what ``read_roots`` just found."""
         self.follow(state, False)
         if self._since is None and any(_managed_link_gone(t, state) for t in transitions):
             self._cleanup_until = now + CLEANUP_GRACE
-        self.reason = activation_reason(self._facts(state, now < self._cleanup_until))
+        self.reason = activation_reason(self._facts(state, roots, now < self._cleanup_until))
         if self.reason is None:
             self.stuck = False
         if self._since is None:
@@ -138,7 +160,7 @@ class Activation:
             else None
         )
 
-    def _facts(self, state: AuditState, cleanup_suspected: bool) -> ActivationFacts:
+    def _facts(self, state: AuditState, roots: Roots, cleanup_suspected: bool) -> ActivationFacts:
         obs = state.observation
         linked: frozenset[str] = frozenset()
         if self._previous is not None and obs is not None:
@@ -148,10 +170,10 @@ class Activation:
                 if fact.kind is FileKind.SYMLINK and (hm := home_manager_files_dir(fact.target))
             )
         return ActivationFacts(
-            current_home=_root(posixpath.join(self.gcroots_dir, "current-home")),
+            current_home=roots.current_home,
             followed_generation=state.generation.path,
-            new_home=_root(posixpath.join(self.gcroots_dir, "new-home")),
-            profile=_root(self.profile),
+            new_home=roots.new_home,
+            profile=roots.profile,
             previous_home_files=self._previous,
             linked_home_files=linked,
             stale_load_open=state.has_open(FindingKind.STALE_LOAD),

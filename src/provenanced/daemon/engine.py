@@ -65,9 +65,10 @@ class Engine:
         state_dir: str | None = None,
         uid: int | None = None,
     ) -> None:
-        """Host mode passes ``executor`` (the user's thread: every file read and heal runs
-        there), a ``state_dir`` of the daemon's (quarantine stays in the user's own state dir)
-        and the user's ``uid``, the owner their unit files should have.
+        """``executor`` runs every file read, watch and heal (host mode: the user's thread;
+        without one, reads go to the loop's default executor and heals run on the loop). Host
+        mode also passes a ``state_dir`` of the daemon's (quarantine stays in the user's own
+        state dir) and the user's ``uid``, the owner their unit files should have.
         """
         self.settings = settings
         self.telemetry = telemetry
@@ -250,8 +251,11 @@ class Engine:
         await self._after(transitions)
 
     async def _after(self, transitions: list[Transition]) -> None:
+        # Off the loop: the roots resolve into the store, which may be a mount that hangs.
+        loop = asyncio.get_running_loop()
+        roots = await loop.run_in_executor(self._executor, self.activation.read_roots)
         verdict = self.activation.look(
-            self.state, self.status.findings, transitions, time.monotonic()
+            self.state, self.status.findings, transitions, time.monotonic(), roots
         )
         self.actions.held = verdict.holding
         if verdict.holding:

@@ -18,6 +18,7 @@ from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
 from provenanced.daemon.reload import reload_on_request
 from provenanced.daemon.tasks import run_until
+from provenanced.fs.iothread import IoThread
 from provenanced.model import DaemonStatus
 from provenanced.sinks.http import HttpServer, TlsFiles, start_http_server
 from provenanced.sinks.journal import JournalSink
@@ -50,7 +51,10 @@ class Daemon:
         self._status: Callable[[], DaemonStatus] = DaemonStatus
         self.telemetry = Telemetry(lambda: self._status())
         self.journal = JournalSink(on_result=self.telemetry.record_alert)
-        self.engine = Engine(settings, self.telemetry, self.journal, self.env)
+        # Every file read, watch and heal runs here: a read hung on a dead mount stalls the
+        # engine, never the loop, and the thread is not joined when the daemon stops.
+        self._io = IoThread("engine.io")
+        self.engine = Engine(settings, self.telemetry, self.journal, self.env, executor=self._io)
         self._status = lambda: self.engine.status
         self._config_path = config_path
         self.http: HttpServer | None = None
@@ -81,6 +85,7 @@ class Daemon:
             await run_until(stop, lambda tg: self._start_loops(tg, stop, reload_config))
         finally:
             notify.stopping()
+            self._io.shutdown(wait=False, cancel_futures=True)
             assert self.http is not None
             self.http.stop()
 

@@ -28,17 +28,17 @@ import ctypes
 import os
 import platform
 import pwd
-import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from provenanced.errors import ProvenancedError
 from provenanced.expect.generation import read_generation
 from provenanced.fs.facts import FactReader, scan_unit_dir
+from provenanced.fs.iothread import IoThread
 from provenanced.model import FileFact, HomeManagerGeneration, UnitDir
 
 T = TypeVar("T")
@@ -137,7 +137,7 @@ class UserThread:
     def __init__(self, creds: Credentials) -> None:
         self.creds = creds
         self.tid = 0
-        self._executor = _OneThread(f"as-{creds.name}")
+        self._executor = IoThread(f"as-{creds.name}")
 
     @classmethod
     async def start(cls, creds: Credentials) -> UserThread:
@@ -179,50 +179,6 @@ class UserThread:
     def close(self) -> None:
         """Let the thread end after what it runs now; queued calls are cancelled."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class _OneThread(Executor):
-    """One daemon thread running submitted calls in order.
-
-    Not a ThreadPoolExecutor: its workers are joined when the interpreter exits, so one read
-    hung on a user's FUSE mount would keep the whole daemon from stopping.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._closed = False
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        if self._closed:
-            raise RuntimeError("the user's thread was closed")
-        future: Future[T] = Future()
-        self._calls.put((future, partial(fn, *args, **kwargs)))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._closed = True
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        self._calls.put(None)
-
-    def _serve(self) -> None:
-        while (item := self._calls.get()) is not None:
-            future, call = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(call())
-            except BaseException as exc:  # handed to the caller, as an executor does
-                future.set_exception(exc)
 
 
 def _switch(creds: Credentials) -> int:

@@ -51,7 +51,8 @@ class Home:
         """One re-read and look; returns the sent transitions as ``state:path-name``."""
         generation = Path(os.path.realpath(self.gcroots / "current-home"))
         transitions = self.state.update(_reading(self.home, generation, stray), now)
-        verdict = self.activation.look(self.state, self.published, transitions, now)
+        roots = self.activation.read_roots()
+        verdict = self.activation.look(self.state, self.published, transitions, now, roots)
         self.published = self.activation.published(self.state.findings)
         return [f"{t.state}:{Path(t.finding.path).name}" for t in verdict.transitions]
 
