@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from daemonkit import WAIT, DaemonProcess, config_toml, daemon_process, poll
+from hostkit import replace_link
 from hungfs import HungFs
 from provenanced.daemon.activation import PROFILE
 from provenanced.sandbox import HostSandbox, Sandbox, UserSandbox
 
 pytestmark = [pytest.mark.fault, pytest.mark.fuse]
 
-UNIT = "podman-web.service"
 STUCK = "stuck.service"
 
 
@@ -44,15 +44,6 @@ def _link(link: Path, target: Path, owner: UserSandbox | None = None) -> None:
     if owner is not None:
         os.chown(temporary, owner.account.uid, owner.account.gid, follow_symlinks=False)
     temporary.replace(link)
-
-
-def _replace_link(user: UserSandbox) -> Path:
-    """The user replaces their managed unit link with an edited copy (a link-replaced finding)."""
-    path = user.config_dir / UNIT
-    path.unlink()
-    path.write_text("[Service]\nExecStart=/bin/sleep 60\n")
-    os.chown(path, user.account.uid, user.account.gid)
-    return path
 
 
 def _main_thread_ended(daemon: DaemonProcess) -> bool:
@@ -139,7 +130,7 @@ class TestHostHungMount:
             mount.wait_held()
             stuck = alice.config_dir / STUCK
             _link(stuck, mount.mountpoint / STUCK, alice)
-            edited = _replace_link(bob)
+            edited = replace_link(bob)
             poll(lambda: _user_has(daemon, bob, edited), message="Bob's drift, Alice's reads hung")
             assert daemon.get("/-/healthy")[0] == 200
             assert daemon.metric("provenanced_ready", user=bob.account.name) == 1
