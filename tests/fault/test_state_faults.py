@@ -167,4 +167,10 @@ class TestHealWithBrokenStateDir:
             ]
             assert copy.read_bytes() == payload
             assert Path(f"{copy}.provenanced.json").exists()
-            assert running.sample("provenanced_heals_total", kind="link-replaced", result="ok") == 1
+            # The heal runs on the daemon's I/O thread: it is counted once it has returned.
+            await eventually(
+                lambda: (
+                    running.sample("provenanced_heals_total", kind="link-replaced", result="ok")
+                    == 1
+                )
+            )

@@ -261,7 +261,13 @@ class TestHeal:
             assert meta["original_path"] == str(path)
             quarantined = Path(str(sidecars[0]).removesuffix(".provenanced.json"))
             assert quarantined.read_bytes() == payload
-            assert running.sample("provenanced_heals_total", kind="link-replaced", result="ok") == 1
+            # The heal runs on the daemon's I/O thread: it is counted once it has returned.
+            await eventually(
+                lambda: (
+                    running.sample("provenanced_heals_total", kind="link-replaced", result="ok")
+                    == 1
+                )
+            )
             await eventually(lambda: not running.has(FindingKind.LINK_REPLACED, path))
 
 
