@@ -19,6 +19,8 @@ from provenanced.sandbox import HostSandbox
 
 pytestmark = [pytest.mark.fault, pytest.mark.fuse, pytest.mark.host]
 
+HUNG_UID = 59999  # a runtime dir's name; no account needed: the look hangs before asking
+
 
 def _stuck_lines(log: str, uid: int) -> list[str]:
     return [
@@ -58,3 +60,27 @@ class TestHostHungRuntimeDir:
                 lambda: process_user_has(daemon, alice, changed),
                 message="Alice's drift once her runtime dir answers",
             )
+
+    def test_a_runtime_dir_hung_from_the_start_holds_no_one_else_up(
+        self, host_sandbox: HostSandbox, tmp_path: Path
+    ) -> None:
+        """A uid's whole runtime dir is a hung mount before the daemon starts: Bob is followed,
+        his drift seen, the loop answers, and that uid is set aside."""
+        bob = host_sandbox.add_user()
+        with (
+            HungFs(host_sandbox.runtime_root / str(HUNG_UID)) as mount,
+            host_process(host_sandbox, tmp_path, [bob]) as daemon,
+        ):
+            try:
+                edited = replace_link(bob)
+                poll(
+                    lambda: process_user_has(daemon, bob, edited),
+                    message="Bob's drift while another runtime dir hangs",
+                )
+                assert daemon.get("/-/healthy")[0] == 200
+                poll(
+                    lambda: _stuck_lines(daemon.log(), HUNG_UID),
+                    message="the hung runtime dir set aside",
+                )
+            finally:
+                mount.release()  # the thread held there returns; the daemon stops as usual

@@ -4,9 +4,10 @@ A user manager listens on ``<runtime_root>/<uid>/systemd/private``; the director
 the uid. The socket appears when the manager starts and goes with the runtime dir when the
 user leaves (logind removes it). What is in those directories is the users': a name that is
 not a uid, a directory or socket owned by someone else, or a uid without an account is skipped.
-A user may also mount there a file system that never answers: each look for a socket in a uid's
-directory is made on a thread, bounded, and the socket is reached through a descriptor opened
-there (``/proc/self/fd/<n>``), so the event loop never waits on a user's tree.
+A user may also mount there a file system that never answers: every look into a uid's
+directory (its watches, its socket) is made on a thread, bounded, and the socket is reached
+through a descriptor opened there (``/proc/self/fd/<n>``): the event loop never waits on a
+user's tree.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
 
 import structlog
@@ -133,41 +135,60 @@ def probe_manager(runtime_root: str, uid: int) -> UserManager | None:
     return UserManager(uid, entry.pw_name, entry.pw_gid, entry.pw_dir, runtime_dir, identity, fd)
 
 
-def _probe_on_thread(runtime_root: str, uid: int) -> asyncio.Future[UserManager | None]:
-    """``probe_manager`` on a thread of its own, which may hang for good without holding anyone.
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """What one look into a uid's directory found: its manager, and the watches it placed."""
+
+    manager: UserManager | None
+    watches: Mapping[str, Watch]
+
+
+def _look(runtime_root: str, uid: int, inotify: Inotify | None, unwatched: list[str]) -> _Look:
+    """Watch ``unwatched`` (the uid's dir and its systemd dir) and probe its manager; blocking."""
+    watches: dict[str, Watch] = {}
+    if inotify is not None:
+        for path in unwatched:
+            with contextlib.suppress(OSError):
+                watches[path] = inotify.add_watch(path, _MASK)
+    return _Look(probe_manager(runtime_root, uid), watches)
+
+
+def _on_thread(look: Callable[[], _Look]) -> asyncio.Future[_Look]:
+    """``look()`` on a thread of its own, which may hang for good without holding anyone.
 
     A daemon thread: one stuck in a dead mount must not keep the process from ending.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[UserManager | None] = loop.create_future()
+    future: asyncio.Future[_Look] = loop.create_future()
 
-    def settle(manager: UserManager | None, error: BaseException | None) -> None:
+    def settle(found: _Look | None, error: BaseException | None) -> None:
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(manager)
+            assert found is not None
+            future.set_result(found)
 
-    def probe() -> None:
-        manager: UserManager | None = None
+    def run() -> None:
+        found: _Look | None = None
         error: BaseException | None = None
         try:
-            manager = probe_manager(runtime_root, uid)
+            found = look()
         except Exception as exc:  # handed to the loop, which decides
             error = exc
         try:
-            loop.call_soon_threadsafe(settle, manager, error)
+            loop.call_soon_threadsafe(settle, found, error)
         except RuntimeError:  # the loop is gone: nobody will take the descriptor
-            if manager is not None:
-                manager.close()
+            if found is not None and found.manager is not None:
+                found.manager.close()
 
-    threading.Thread(target=probe, name=f"probe.{uid}", daemon=True).start()
+    threading.Thread(target=run, name="discovery.look", daemon=True).start()
     return future
 
 
-def _close_late(probe: asyncio.Future[UserManager | None]) -> None:
-    """A probe that answered after it was given up: its manager is nobody's, close it."""
+def _close_late(probe: asyncio.Future[_Look]) -> None:
+    """A look that answered after it was given up: its manager is nobody's, close it."""
     if not probe.cancelled() and probe.exception() is None:
-        manager = probe.result()
+        manager = probe.result().manager
         if manager is not None:
             manager.close()
 
@@ -175,7 +196,7 @@ def _close_late(probe: asyncio.Future[UserManager | None]) -> None:
 class RuntimeDirs:
     """Follows ``<runtime_root>``: calls ``on_change`` with every manager found, on each change.
 
-    Each uid's directory is looked at on a thread, for at most ``timeout`` seconds: a user owns
+    Each uid's directory is watched and looked at on a thread, for at most ``timeout`` seconds: a user owns
     it and may mount there a file system that never answers. A uid whose look has not returned
     keeps what was found before and is not looked at again until that look returns.
     The managers handed to ``on_change`` are ours: their descriptors stay open until a scan
@@ -193,32 +214,40 @@ class RuntimeDirs:
         self._on_change = on_change
         self._watches: dict[str, Watch] = {}
         self._managers: dict[int, UserManager] = {}  # the latest scan's; the fds are ours
-        self._stuck: dict[int, asyncio.Future[UserManager | None]] = {}
+        self._stuck: dict[int, asyncio.Future[_Look]] = {}
+        self._inotify: Inotify | None = None  # while following
 
     async def follow(self) -> None:
         """Scan, watch what can change the result, wait for an event (or the backstop), repeat."""
         try:
             with Inotify() as inotify:
+                self._inotify = inotify
                 while True:
-                    self._watch(inotify)
+                    self._watch_root(inotify)
                     self._on_change(await self.scan())
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(BACKSTOP):
                             # Each event is one rescan: a burst costs a few listings of a small dir.
                             await inotify.get()
         finally:
+            self._inotify = None
             self.close()
 
     async def scan(self) -> Mapping[int, UserManager]:
         """Every manager found now, by uid; the previous scan's that went are closed."""
         uids = runtime_uids(self.runtime_root)
-        probes: dict[int, asyncio.Future[UserManager | None]] = {}
+        probes: dict[int, asyncio.Future[_Look]] = {}
         for uid in uids:
             stuck = self._stuck.get(uid)
             if stuck is not None and not stuck.done():
                 continue  # one hung thread per uid at most
             self._stuck.pop(uid, None)
-            probes[uid] = _probe_on_thread(self.runtime_root, uid)
+            directory = posixpath.join(self.runtime_root, str(uid))
+            paths = [directory, posixpath.join(directory, "systemd")]
+            unwatched = [p for p in paths if p not in self._watches]
+            probes[uid] = _on_thread(
+                partial(_look, self.runtime_root, uid, self._inotify, unwatched)
+            )
         if probes:
             await asyncio.wait(probes.values(), timeout=self.timeout)
         found: dict[int, UserManager] = {}
@@ -237,7 +266,8 @@ class RuntimeDirs:
                 if uid in self._managers:
                     found[uid] = self._managers[uid]
                 continue
-            manager = probe.result()
+            self._watches.update(probe.result().watches)
+            manager = probe.result().manager
             if manager is None:
                 continue
             known = self._managers.get(uid)
@@ -257,20 +287,18 @@ class RuntimeDirs:
             manager.close()
         self._managers = {}
 
-    def _watch(self, inotify: Inotify) -> None:
-        """Watch the root, each uid dir and its systemd dir; drop watches on what is gone."""
-        wanted = [self.runtime_root]
+    def _watch_root(self, inotify: Inotify) -> None:
+        """Watch the root (each uid's dirs are watched by its look); drop watches on what is gone."""
+        wanted = {self.runtime_root}
         for uid in runtime_uids(self.runtime_root):
-            path = posixpath.join(self.runtime_root, str(uid))
-            wanted += [path, posixpath.join(path, "systemd")]
-        for path in set(self._watches) - set(wanted):
+            directory = posixpath.join(self.runtime_root, str(uid))
+            wanted |= {directory, posixpath.join(directory, "systemd")}
+        for path in set(self._watches) - wanted:
             with contextlib.suppress(OSError, ValueError):
-                inotify.rm_watch(self._watches.pop(path))
-        for path in wanted:
-            if path in self._watches:
-                continue
+                inotify.rm_watch(self._watches.pop(path))  # by its number: no path looked up
+        if self.runtime_root not in self._watches:
             with contextlib.suppress(OSError):
-                self._watches[path] = inotify.add_watch(path, _MASK)
+                self._watches[self.runtime_root] = inotify.add_watch(self.runtime_root, _MASK)
 
 
 SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
