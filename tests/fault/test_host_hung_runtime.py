@@ -31,7 +31,7 @@ def _stuck_lines(log: str, uid: int) -> list[str]:
 
 
 class TestHostHungRuntimeDir:
-    def test_a_hung_runtime_dir_is_set_aside_and_followed_again_once_it_answers(
+    def test_a_hung_runtime_dir_is_set_aside_and_seen_again_once_it_answers(
         self, host_sandbox: HostSandbox, tmp_path: Path
     ) -> None:
         """Alice's runtime dir hangs: the look into it is given up (logged once), Bob's drift is
