@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-from daemonkit import WAIT, eventually
+from daemonkit import WAIT, DaemonProcess, daemon_process, eventually, poll
 from provenanced.config import Settings
 from provenanced.daemon.host import HostDaemon
 from provenanced.model import FindingKind
@@ -91,3 +92,42 @@ def user_has(daemon: HostDaemon, user: UserSandbox, kind: FindingKind, path: Pat
     engine = daemon.engine(user.account.name)
     findings = engine.status.findings if engine else ()
     return any(f.kind is kind and f.path == str(path) for f in findings)
+
+
+@contextlib.contextmanager
+def host_process(
+    host: HostSandbox, workdir: Path, users: list[UserSandbox]
+) -> Iterator[DaemonProcess]:
+    """``provenanced run --host`` as a real process following just ``users``, past their first
+    audit: a stalled event loop shows where it would in production (/-/healthy, stopping)."""
+    names = ", ".join(json.dumps(u.account.name) for u in users)
+    config = "\n".join(
+        [
+            "[host]",
+            f"runtime_root = {json.dumps(str(host.runtime_root))}",
+            f"state_root = {json.dumps(str(workdir / 'state'))}",
+            f"allow_users = [{names}]",
+            "[metrics]",
+            'listen = "127.0.0.1:0"',
+            "[policy]",
+            "quiet_window = 0.2",
+            "alert_min_interval = 0",
+            "[log]",
+            'format = "logfmt"',
+            'level = "info"',
+            "",
+        ]
+    )
+    with daemon_process(host, workdir, config, args=["--host"]) as daemon:
+        for user in users:
+            poll(
+                lambda user=user: daemon.metric("provenanced_ready", user=user.account.name),
+                message=f"{user.account.name}'s first audit",
+            )
+        yield daemon
+
+
+def process_user_has(daemon: DaemonProcess, user: UserSandbox, path: Path) -> bool:
+    """The daemon process's findings API lists one of the user's findings on ``path``."""
+    status, body = daemon.get(f"/api/v1/findings?user={user.account.name}")
+    return status == 200 and any(f["path"] == str(path) for f in json.loads(body)["findings"])

@@ -7,17 +7,14 @@ shows where it would in production: /-/healthy, other users' detection, and stop
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from daemonkit import WAIT, DaemonProcess, config_toml, daemon_process, poll
-from hostkit import replace_link
+from hostkit import host_process, process_user_has, replace_link
 from hungfs import HungFs
 from provenanced.daemon.activation import PROFILE
 from provenanced.sandbox import HostSandbox, Sandbox, UserSandbox
@@ -73,42 +70,6 @@ def _stops_while_hung(daemon: DaemonProcess, mount: HungFs) -> None:
 # --- host mode ------------------------------------------------------------------------------
 
 
-@contextmanager
-def _host_daemon(
-    host: HostSandbox, workdir: Path, users: list[UserSandbox]
-) -> Iterator[DaemonProcess]:
-    names = ", ".join(json.dumps(u.account.name) for u in users)
-    config = "\n".join(
-        [
-            "[host]",
-            f"runtime_root = {json.dumps(str(host.runtime_root))}",
-            f"state_root = {json.dumps(str(workdir / 'state'))}",
-            f"allow_users = [{names}]",
-            "[metrics]",
-            'listen = "127.0.0.1:0"',
-            "[policy]",
-            "quiet_window = 0.2",
-            "alert_min_interval = 0",
-            "[log]",
-            'format = "logfmt"',
-            'level = "info"',
-            "",
-        ]
-    )
-    with daemon_process(host, workdir, config, args=["--host"]) as daemon:
-        for user in users:
-            poll(
-                lambda user=user: daemon.metric("provenanced_ready", user=user.account.name),
-                message=f"{user.account.name}'s first audit",
-            )
-        yield daemon
-
-
-def _user_has(daemon: DaemonProcess, user: UserSandbox, path: Path) -> bool:
-    status, body = daemon.get(f"/api/v1/findings?user={user.account.name}")
-    return status == 200 and any(f["path"] == str(path) for f in json.loads(body)["findings"])
-
-
 @pytest.mark.host
 class TestHostHungMount:
     """One user's reads hang in a dead mount; every other user is followed as before."""
@@ -122,7 +83,7 @@ class TestHostHungMount:
         profile = alice.home / PROFILE
         _make_dirs(profile.parent, alice)  # there from the start, so it is watched
         with (
-            _host_daemon(host_sandbox, tmp_path, [alice, bob]) as daemon,
+            host_process(host_sandbox, tmp_path, [alice, bob]) as daemon,
             HungFs(host_sandbox.root / "net") as mount,
         ):
             # The look for a running Home Manager switch follows the profile into the mount.
@@ -131,11 +92,17 @@ class TestHostHungMount:
             stuck = alice.config_dir / STUCK
             _link(stuck, mount.mountpoint / STUCK, alice)
             edited = replace_link(bob)
-            poll(lambda: _user_has(daemon, bob, edited), message="Bob's drift, Alice's reads hung")
+            poll(
+                lambda: process_user_has(daemon, bob, edited),
+                message="Bob's drift, Alice's reads hung",
+            )
             assert daemon.get("/-/healthy")[0] == 200
             assert daemon.metric("provenanced_ready", user=bob.account.name) == 1
             mount.release()
-            poll(lambda: _user_has(daemon, alice, stuck), message="Alice's link, once answered")
+            poll(
+                lambda: process_user_has(daemon, alice, stuck),
+                message="Alice's link, once answered",
+            )
 
     def test_the_daemon_stops_while_a_users_read_hangs(
         self, host_sandbox: HostSandbox, tmp_path: Path
@@ -143,7 +110,7 @@ class TestHostHungMount:
         """SIGTERM while a unit link's target hangs: the daemon finishes, nothing joins the read."""
         carol = host_sandbox.add_user()
         with (
-            _host_daemon(host_sandbox, tmp_path, [carol]) as daemon,
+            host_process(host_sandbox, tmp_path, [carol]) as daemon,
             HungFs(host_sandbox.root / "net") as mount,
         ):
             _link(carol.config_dir / STUCK, mount.mountpoint / STUCK, carol)

@@ -4,6 +4,10 @@ A user manager listens on ``<runtime_root>/<uid>/systemd/private``; the director
 the uid. The socket appears when the manager starts and goes with the runtime dir when the
 user leaves (logind removes it). What is in those directories is the users': a name that is
 not a uid, a directory or socket owned by someone else, or a uid without an account is skipped.
+A user may also mount there a file system that never answers: every look into a uid's
+directory (its watches, its socket) is made on a thread, bounded, and the socket is reached
+through a descriptor opened there (``/proc/self/fd/<n>``): the event loop never waits on a
+user's tree.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import os
 import posixpath
 import pwd
 import stat
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
+from types import MappingProxyType
 
 import structlog
 from asyncinotify import Inotify, Mask, Watch
@@ -26,6 +33,8 @@ from provenanced.systemd.bus import ManagerConnection, Transport
 log = structlog.get_logger("provenanced.discovery")
 
 PRIVATE_SOCKET = "systemd/private"
+# Seconds a look into one user's runtime dir may take before that uid is set aside.
+PROBE_TIMEOUT = 2.0
 # Seconds between rescans when no event came: a watch that could not be placed in time.
 BACKSTOP = 5.0
 _MASK = (
@@ -41,18 +50,38 @@ _MASK = (
 
 @dataclass(frozen=True, slots=True)
 class UserManager:
-    """A running user manager: whose it is and where its runtime dir is."""
+    """A running user manager: whose it is, where its runtime dir is, and its socket held open.
+
+    ``fd`` is an ``O_PATH`` descriptor on the private socket; whoever holds the manager closes
+    it. It takes no part in equality: two probes of the same socket are the same manager.
+    """
 
     uid: int
     name: str
     gid: int
     home: str
     runtime_dir: str
+    socket: tuple[int, int]  # (st_dev, st_ino): a manager started again has another socket
+    fd: int = field(default=-1, compare=False)
+
+    @property
+    def socket_path(self) -> str:
+        """Where the manager's private socket is, for people reading logs."""
+        return posixpath.join(self.runtime_dir, PRIVATE_SOCKET)
 
     @property
     def bus_address(self) -> str:
-        """The manager's private socket as a D-Bus address."""
-        return f"unix:path={posixpath.join(self.runtime_dir, PRIVATE_SOCKET)}"
+        """The socket as a D-Bus address through our descriptor: the kernel follows the magic
+        link to the socket itself, so connecting looks nothing up in the user's tree."""
+        return f"unix:path=/proc/self/fd/{self.fd}"
+
+    def dup(self) -> UserManager:
+        """The same manager with a descriptor of its own (closed with ``close``)."""
+        return replace(self, fd=os.dup(self.fd))
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        os.close(self.fd)
 
     def env(self) -> dict[str, str]:
         """The environment the user's manager and session see: home, runtime dir, names."""
@@ -65,72 +94,211 @@ class UserManager:
         }
 
 
-def scan_managers(runtime_root: str) -> dict[int, UserManager]:
-    """Every user whose runtime dir holds a manager socket they own, keyed by uid."""
-    found: dict[int, UserManager] = {}
+def runtime_uids(runtime_root: str) -> list[int]:
+    """The uids with a directory in the runtime root (root's own directory: listed on the loop)."""
     try:
         entries = list(os.scandir(runtime_root))
     except OSError:
-        return found
-    for entry in entries:
-        if not entry.name.isdigit() or not entry.is_dir(follow_symlinks=False):
-            continue
-        manager = _manager_in(runtime_root, int(entry.name))
-        if manager is not None:
-            found[manager.uid] = manager
-    return found
+        return []
+    return [int(e.name) for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
 
 
-def _manager_in(runtime_root: str, uid: int) -> UserManager | None:
+def probe_manager(runtime_root: str, uid: int) -> UserManager | None:
+    """The manager whose socket ``<runtime_root>/<uid>/systemd/private`` the uid owns, opened.
+
+    Blocking, and the tree is the user's (a mount there may never answer): call on a thread.
+    """
     runtime_dir = posixpath.join(runtime_root, str(uid))
     try:
         directory = os.lstat(runtime_dir)
-        socket = os.lstat(posixpath.join(runtime_dir, PRIVATE_SOCKET))
         entry = pwd.getpwuid(uid)
     except (OSError, KeyError):
         return None
-    # Another uid's directory or socket under this name is not this user's manager.
-    if directory.st_uid != uid or socket.st_uid != uid or not stat.S_ISSOCK(socket.st_mode):
+    # Another uid's directory under this name is not this user's.
+    if not stat.S_ISDIR(directory.st_mode) or directory.st_uid != uid:
         return None
-    return UserManager(uid, entry.pw_name, entry.pw_gid, entry.pw_dir, runtime_dir)
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(posixpath.join(runtime_dir, PRIVATE_SOCKET), flags)
+    except OSError:
+        return None
+    try:
+        # What was opened is checked, not the name again: no swap between check and use.
+        socket = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if socket.st_uid != uid or not stat.S_ISSOCK(socket.st_mode):
+        os.close(fd)
+        return None
+    identity = (socket.st_dev, socket.st_ino)
+    return UserManager(uid, entry.pw_name, entry.pw_gid, entry.pw_dir, runtime_dir, identity, fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """What one look into a uid's directory found: its manager, and the watches it placed."""
+
+    manager: UserManager | None
+    watches: Mapping[str, Watch]
+
+
+def _look(runtime_root: str, uid: int, inotify: Inotify | None, unwatched: list[str]) -> _Look:
+    """Watch ``unwatched`` (the uid's dir and its systemd dir) and probe its manager; blocking."""
+    watches: dict[str, Watch] = {}
+    if inotify is not None:
+        for path in unwatched:
+            with contextlib.suppress(OSError):
+                watches[path] = inotify.add_watch(path, _MASK)
+    return _Look(probe_manager(runtime_root, uid), watches)
+
+
+def _on_thread(look: Callable[[], _Look]) -> asyncio.Future[_Look]:
+    """``look()`` on a thread of its own, which may hang for good without holding anyone.
+
+    A daemon thread: one stuck in a dead mount must not keep the process from ending.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_Look] = loop.create_future()
+
+    def settle(found: _Look | None, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert found is not None
+            future.set_result(found)
+
+    def run() -> None:
+        found: _Look | None = None
+        error: BaseException | None = None
+        try:
+            found = look()
+        except Exception as exc:  # handed to the loop, which decides
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, found, error)
+        except RuntimeError:  # the loop is gone: nobody will take the descriptor
+            if found is not None and found.manager is not None:
+                found.manager.close()
+
+    threading.Thread(target=run, name="discovery.look", daemon=True).start()
+    return future
+
+
+def _close_late(probe: asyncio.Future[_Look]) -> None:
+    """A look that answered after it was given up: its manager is nobody's, close it."""
+    if not probe.cancelled() and probe.exception() is None:
+        manager = probe.result().manager
+        if manager is not None:
+            manager.close()
 
 
 class RuntimeDirs:
-    """Follows ``<runtime_root>``: calls ``on_change`` with every manager found, on each change."""
+    """Follows ``<runtime_root>``: calls ``on_change`` with every manager found, on each change.
+
+    Each uid's directory is watched and looked at on a thread, for at most ``timeout`` seconds: a user owns
+    it and may mount there a file system that never answers. A uid whose look has not returned
+    keeps what was found before and is not looked at again until that look returns.
+    The managers handed to ``on_change`` are ours: their descriptors stay open until a scan
+    finds them gone or started again, so take ``dup()`` of the ones to keep, right away.
+    """
 
     def __init__(
-        self, runtime_root: str, on_change: Callable[[Mapping[int, UserManager]], None]
+        self,
+        runtime_root: str,
+        on_change: Callable[[Mapping[int, UserManager]], None],
+        timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.runtime_root = runtime_root
+        self.timeout = timeout
         self._on_change = on_change
         self._watches: dict[str, Watch] = {}
+        self._managers: dict[int, UserManager] = {}  # the latest scan's; the fds are ours
+        self._stuck: dict[int, asyncio.Future[_Look]] = {}
+        self._inotify: Inotify | None = None  # while following
 
     async def follow(self) -> None:
         """Scan, watch what can change the result, wait for an event (or the backstop), repeat."""
-        with Inotify() as inotify:
-            while True:
-                self._watch(inotify)
-                self._on_change(scan_managers(self.runtime_root))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(BACKSTOP):
-                        # Each event is one rescan: a burst costs a few listings of a small dir.
-                        await inotify.get()
+        try:
+            with Inotify() as inotify:
+                self._inotify = inotify
+                while True:
+                    self._watch_root(inotify)
+                    self._on_change(await self.scan())
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(BACKSTOP):
+                            # Each event is one rescan: a burst costs a few listings of a small dir.
+                            await inotify.get()
+        finally:
+            self._inotify = None
+            self.close()
 
-    def _watch(self, inotify: Inotify) -> None:
-        """Watch the root, each uid dir and its systemd dir; drop watches on what is gone."""
-        wanted = [self.runtime_root]
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.runtime_root):
-                if entry.name.isdigit() and entry.is_dir(follow_symlinks=False):
-                    wanted += [entry.path, posixpath.join(entry.path, "systemd")]
-        for path in set(self._watches) - set(wanted):
-            with contextlib.suppress(OSError, ValueError):
-                inotify.rm_watch(self._watches.pop(path))
-        for path in wanted:
-            if path in self._watches:
+    async def scan(self) -> Mapping[int, UserManager]:
+        """Every manager found now, by uid; the previous scan's that went are closed."""
+        uids = runtime_uids(self.runtime_root)
+        probes: dict[int, asyncio.Future[_Look]] = {}
+        for uid in uids:
+            stuck = self._stuck.get(uid)
+            if stuck is not None and not stuck.done():
+                continue  # one hung thread per uid at most
+            self._stuck.pop(uid, None)
+            directory = posixpath.join(self.runtime_root, str(uid))
+            paths = [directory, posixpath.join(directory, "systemd")]
+            unwatched = [p for p in paths if p not in self._watches]
+            probes[uid] = _on_thread(
+                partial(_look, self.runtime_root, uid, self._inotify, unwatched)
+            )
+        if probes:
+            await asyncio.wait(probes.values(), timeout=self.timeout)
+        found: dict[int, UserManager] = {}
+        for uid in uids:
+            probe = probes.get(uid)
+            if probe is None or not probe.done():
+                if probe is not None:
+                    self._stuck[uid] = probe
+                    probe.add_done_callback(_close_late)
+                    log.warning(
+                        "host.runtime_dir_stuck",
+                        uid=uid,
+                        path=posixpath.join(self.runtime_root, str(uid)),
+                        waited=self.timeout,
+                    )
+                if uid in self._managers:
+                    found[uid] = self._managers[uid]
                 continue
+            self._watches.update(probe.result().watches)
+            manager = probe.result().manager
+            if manager is None:
+                continue
+            known = self._managers.get(uid)
+            if known == manager:  # the same socket: keep the descriptor we hold
+                manager.close()
+                manager = known
+            found[uid] = manager
+        for uid, known in self._managers.items():
+            if found.get(uid) is not known:
+                known.close()
+        self._managers = found
+        return MappingProxyType(dict(found))
+
+    def close(self) -> None:
+        """Close every descriptor held; a probe still hung closes its own when it returns."""
+        for manager in self._managers.values():
+            manager.close()
+        self._managers = {}
+
+    def _watch_root(self, inotify: Inotify) -> None:
+        """Watch the root (each uid's dirs are watched by its look); drop watches on what is gone."""
+        wanted = {self.runtime_root}
+        for uid in runtime_uids(self.runtime_root):
+            directory = posixpath.join(self.runtime_root, str(uid))
+            wanted |= {directory, posixpath.join(directory, "systemd")}
+        for path in set(self._watches) - wanted:
+            with contextlib.suppress(OSError, ValueError):
+                inotify.rm_watch(self._watches.pop(path))  # by its number: no path looked up
+        if self.runtime_root not in self._watches:
             with contextlib.suppress(OSError):
-                self._watches[path] = inotify.add_watch(path, _MASK)
+                self._watches[self.runtime_root] = inotify.add_watch(self.runtime_root, _MASK)
 
 
 SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"

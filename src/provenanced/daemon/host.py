@@ -185,28 +185,44 @@ class HostDaemon:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            wanted = self._wanted
             listed = await self.logind.users()
-            if listed is not None:
-                wanted = {uid: m for uid, m in wanted.items() if uid in listed}
-            for uid, followed in list(self._followed.items()):
+            wanted = {uid: m for uid, m in self._wanted.items() if listed is None or uid in listed}
+            gone: dict[int, str] = {}
+            for uid, followed in self._followed.items():
                 if not self.settings.host.follows(followed.manager.name):
-                    await self._drop(uid, "not allowed by host.allow_users/deny_users")
+                    gone[uid] = "not allowed by host.allow_users/deny_users"
                 elif wanted.get(uid) != followed.manager:
-                    await self._drop(uid, "manager gone")
-            for uid, manager in wanted.items():
-                if uid not in self._followed:
-                    await self._start(manager)
+                    gone[uid] = "manager gone"
+            # Our own descriptors, before any wait: discovery closes its own at its next scan.
+            starting = [
+                m.dup() for uid, m in wanted.items() if uid not in self._followed or uid in gone
+            ]
+            try:
+                for uid, reason in gone.items():
+                    await self._drop(uid, reason)
+                while starting:
+                    await self._start(starting.pop(0))
+            finally:
+                for manager in starting:  # stopped before their turn
+                    manager.close()
             if not self.discovered.is_set():
                 self.discovered.set()
                 notify.ready(f"following {len(self._followed)} user managers")
 
     async def _start(self, manager: UserManager) -> None:
+        """Follow ``manager``, whose descriptor is now the follower's (closed when it is dropped)."""
         bound = log.bind(user=manager.name, uid=manager.uid)
         try:
             thread = await UserThread.start(Credentials.of_uid(manager.uid))
-            state_dir = user_state_dir(self.settings.host.state_root, manager.name)
         except (ProvenancedError, OSError, KeyError) as exc:
+            manager.close()
+            bound.error("host.user_failed", error=str(exc))
+            return
+        try:
+            state_dir = user_state_dir(self.settings.host.state_root, manager.name)
+        except (ProvenancedError, OSError) as exc:
+            thread.close()
+            manager.close()
             bound.error("host.user_failed", error=str(exc))
             return
         telemetry = self.telemetry.for_user(manager.name)
@@ -229,7 +245,7 @@ class HostDaemon:
         )
         self._followed[manager.uid] = followed
         self._publish()
-        bound.info("host.user_followed", address=manager.bus_address)
+        bound.info("host.user_followed", socket=manager.socket_path, address=manager.bus_address)
 
     async def _supervise(self, followed: _Followed) -> None:
         """Run one user's engine; a crash is logged and the engine started afresh, alone."""
@@ -294,6 +310,7 @@ class HostDaemon:
         finally:
             # Also when the daemon stops during the wait: the thread must not outlive the user.
             followed.thread.close()
+            followed.manager.close()  # the engine is done with the socket's address
             log.info("host.user_dropped", user=followed.manager.name, uid=uid, reason=reason)
 
     def _publish(self) -> None:
