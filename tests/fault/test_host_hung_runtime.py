@@ -8,6 +8,7 @@ process, so a stalled event loop shows where it would in production: /-/healthy 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from daemonkit import poll
 from hostkit import host_process, process_user_has, replace_link
 from hungfs import HungFs
+from provenanced.daemon.discovery import _on_fuse
 from provenanced.sandbox import HostSandbox
 
 pytestmark = [pytest.mark.fault, pytest.mark.fuse, pytest.mark.host]
@@ -84,3 +86,19 @@ class TestHostHungRuntimeDir:
                 )
             finally:
                 mount.release()  # the thread held there returns; the daemon stops as usual
+
+
+class TestSocketOnFuse:
+    def test_what_lives_on_fuse_is_told_from_proc(self, tmp_path: Path) -> None:
+        """A FUSE server could answer the probe, then hang the connect's permission check on the
+        loop: a descriptor on FUSE is refused, told from /proc without asking the server."""
+        with HungFs(tmp_path / "mnt") as mount:
+            mount.release()
+            on_fuse = os.open(mount.mountpoint, os.O_PATH | os.O_CLOEXEC)
+            local = os.open(tmp_path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                assert _on_fuse(on_fuse)
+                assert not _on_fuse(local)
+            finally:
+                os.close(on_fuse)
+                os.close(local)

@@ -128,11 +128,30 @@ def probe_manager(runtime_root: str, uid: int) -> UserManager | None:
     except OSError:
         os.close(fd)
         return None
-    if socket.st_uid != uid or not stat.S_ISSOCK(socket.st_mode):
+    if socket.st_uid != uid or not stat.S_ISSOCK(socket.st_mode) or _on_fuse(fd):
         os.close(fd)
         return None
     identity = (socket.st_dev, socket.st_ino)
     return UserManager(uid, entry.pw_name, entry.pw_gid, entry.pw_dir, runtime_dir, identity, fd)
+
+
+def _on_fuse(fd: int) -> bool:
+    """Whether ``fd`` lives on a FUSE file system, from /proc alone (never the user's server).
+
+    A user's FUSE server could answer the probe, then hang the permission check of the connect
+    on the loop; a manager's socket is never on FUSE. Unknown counts as FUSE: refused.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+            mount_id = next(line.split()[1] for line in info if line.startswith("mnt_id:"))
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields, _, fs = line.partition(" - ")
+                if fields.split()[0] == mount_id:
+                    return fs.split()[0].startswith("fuse")
+    except (OSError, StopIteration, IndexError):
+        pass
+    return True
 
 
 @dataclass(frozen=True, slots=True)
