@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -42,3 +43,11 @@ def parse_python(source: str, filename: str = "<unknown>") -> ast.Module:
                 raise
             error = exc
     raise error
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

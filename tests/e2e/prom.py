@@ -7,27 +7,18 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 
 RULES = Path(__file__).parents[2] / "packaging" / "prometheus" / "provenanced-alerts.yml"
 JOB = "provenanced"
 _FOR_LINE = re.compile(r"^(?P<indent>[ \t]+)for:[ \t]*\S+[ \t]*$", re.MULTILINE)
 _STOP_GRACE = 15.0
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def get_json(url: str) -> Any:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 from provenanced.sandbox import SANDBOX_MARKER
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +31,6 @@ _SILENT = (
 # Each drift step waits at most 20 s for its finding and 20 s for the repair, then pauses
 # 8 + 4 s; the switch at the end takes seconds.
 _SCENARIO_TIMEOUT = 360
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def findings(port: int) -> list[dict[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 from provenanced.commands import install
 from provenanced.sandbox import Journald, Sandbox
 from provenanced.sinks.journal import DRIFT_DETECTED
@@ -28,14 +27,6 @@ CLI = str(Path(sys.executable).parent / "provenanced")
 SERVICE, SOCKET = install.SERVICE, install.SOCKET
 WEB = "podman-web.service"
 WATCHDOG_SECONDS = 3
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def cli(sandbox: Sandbox, *args: str) -> subprocess.CompletedProcess[str]:

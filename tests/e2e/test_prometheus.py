@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prom import Prometheus, answers, copy_rules, free_port, get_json, log_tail, stop_process
+from prom import Prometheus, answers, copy_rules, get_json, log_tail, stop_process
 from systemd import journal
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.e2e

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prom import Prometheus, answers, copy_rules, free_port, get_json, log_tail, stop_process
+from prom import Prometheus, answers, copy_rules, get_json, log_tail, stop_process
 
-from helpers import wait_until
+from helpers import free_port, wait_until
 from hostkit import UNIT, replace_link, restore_link
 from provenanced.sandbox import HostSandbox, UserSandbox
 

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemonkit import DaemonProcess, config_toml, daemon_process, http_get, poll, unit_file
+from helpers import free_port
 from provenanced.sandbox import Sandbox
 
 pytestmark = pytest.mark.fault
@@ -243,20 +243,13 @@ class TestPermissionDenied:
 CLI = str(Path(sys.executable).parent / "provenanced")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 class TestCrashRestart:
     def test_killed_daemon_is_restarted_by_its_unit(
         self, fresh_sandbox: Sandbox, journald: object
     ) -> None:
         """SIGKILL the installed service: the manager restarts it, and the new one detects drift."""
         sandbox = fresh_sandbox
-        port = _free_port()
+        port = free_port()
         dropin = sandbox.config_dir / "provenanced.service.d" / "50-fault.conf"
         dropin.parent.mkdir(parents=True)
         dropin.write_text(

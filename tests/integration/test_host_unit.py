@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from daemonkit import WAIT, http_get, parse_metrics, poll
+from helpers import free_port
 from provenanced.commands import install
 from provenanced.sandbox.accounts import Account
 from provenanced.sandbox.systemmanager import SystemSandbox
@@ -42,13 +42,6 @@ TEST_DROPIN = """\
 [Service]
 Environment=PROVENANCED_POLICY__QUIET_WINDOW=0.2
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass
