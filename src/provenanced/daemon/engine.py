@@ -91,6 +91,8 @@ class Engine:
             self._observer_for,
         )
         self.connected = self.link.connected
+        # Set with the first status published after a full audit: /-/ready, READY=1 and
+        # whoever waits on it then see that audit, never the empty status before it.
         self.ready = asyncio.Event()
         self.status = DaemonStatus()
         self.resyncs = 0
@@ -158,6 +160,8 @@ class Engine:
 
     def publish(self) -> None:
         """Swap in a new immutable status for the HTTP thread."""
+        if self.resyncs:
+            self.ready.set()
         connected = self.link.connected.is_set()
         flags = DaemonStatus(
             manager_connected=connected,
@@ -294,7 +298,6 @@ class Engine:
         self._behind = False
         self.telemetry.observe_resync(duration)
         self.status = replace(self.status, last_full_resync=time.time())
-        self.ready.set()
         reasons = {c.reason for c in batch if isinstance(c, FullResync)} or {"unit directory"}
         log.debug("engine.resynced", reason=", ".join(sorted(reasons)), seconds=round(duration, 4))
 
