@@ -18,8 +18,8 @@ import os
 import posixpath
 import pwd
 import stat
-import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
@@ -28,6 +28,7 @@ import structlog
 from asyncinotify import Inotify, Mask, Watch
 
 from provenanced.errors import ManagerCallError, ManagerUnreachableError
+from provenanced.fs.iothread import IoThread
 from provenanced.systemd.bus import ManagerConnection, Transport
 
 log = structlog.get_logger("provenanced.discovery")
@@ -172,40 +173,20 @@ def _look(runtime_root: str, uid: int, inotify: Inotify | None, unwatched: list[
     return _Look(probe_manager(runtime_root, uid), watches)
 
 
-def _on_thread(look: Callable[[], _Look]) -> asyncio.Future[_Look]:
-    """``look()`` on a thread of its own, which may hang for good without holding anyone.
+def _on_thread(look: Callable[[], _Look]) -> Future[_Look]:
+    """``look()`` on a thread of its own, which may hang for good without holding anyone."""
+    thread = IoThread("discovery.look")
+    try:
+        return thread.submit(look)
+    finally:
+        thread.shutdown()  # the thread ends after its one look
 
-    A daemon thread: one stuck in a dead mount must not keep the process from ending.
+
+def _close_late(probe: Future[_Look]) -> None:
+    """A look that answered after it was given up: its manager is nobody's, close it.
+
+    Runs on the look's own thread when it returns, so it needs no event loop still running.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_Look] = loop.create_future()
-
-    def settle(found: _Look | None, error: BaseException | None) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            assert found is not None
-            future.set_result(found)
-
-    def run() -> None:
-        found: _Look | None = None
-        error: BaseException | None = None
-        try:
-            found = look()
-        except Exception as exc:  # handed to the loop, which decides
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, found, error)
-        except RuntimeError:  # the loop is gone: nobody will take the descriptor
-            if found is not None and found.manager is not None:
-                found.manager.close()
-
-    threading.Thread(target=run, name="discovery.look", daemon=True).start()
-    return future
-
-
-def _close_late(probe: asyncio.Future[_Look]) -> None:
-    """A look that answered after it was given up: its manager is nobody's, close it."""
     if not probe.cancelled() and probe.exception() is None:
         manager = probe.result().manager
         if manager is not None:
@@ -233,7 +214,7 @@ class RuntimeDirs:
         self._on_change = on_change
         self._watches: dict[str, Watch] = {}
         self._managers: dict[int, UserManager] = {}  # the latest scan's; the fds are ours
-        self._stuck: dict[int, asyncio.Future[_Look]] = {}
+        self._stuck: dict[int, Future[_Look]] = {}
         self._inotify: Inotify | None = None  # while following
 
     async def follow(self) -> None:
@@ -242,7 +223,6 @@ class RuntimeDirs:
             with Inotify() as inotify:
                 self._inotify = inotify
                 while True:
-                    self._watch_root(inotify)
                     self._on_change(await self.scan())
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(BACKSTOP):
@@ -255,7 +235,9 @@ class RuntimeDirs:
     async def scan(self) -> Mapping[int, UserManager]:
         """Every manager found now, by uid; the previous scan's that went are closed."""
         uids = runtime_uids(self.runtime_root)
-        probes: dict[int, asyncio.Future[_Look]] = {}
+        if self._inotify is not None:
+            self._watch_root(self._inotify, uids)
+        probes: dict[int, Future[_Look]] = {}
         for uid in uids:
             stuck = self._stuck.get(uid)
             if stuck is not None and not stuck.done():
@@ -268,7 +250,13 @@ class RuntimeDirs:
                 partial(_look, self.runtime_root, uid, self._inotify, unwatched)
             )
         if probes:
-            await asyncio.wait(probes.values(), timeout=self.timeout)
+            waits = [asyncio.wrap_future(look) for look in probes.values()]
+            try:
+                await asyncio.wait(waits, timeout=self.timeout)
+            except asyncio.CancelledError:  # stopping: nobody will take what the looks find
+                for pending in probes.values():
+                    pending.add_done_callback(_close_late)
+                raise
         found: dict[int, UserManager] = {}
         for uid in uids:
             probe = probes.get(uid)
@@ -306,10 +294,10 @@ class RuntimeDirs:
             manager.close()
         self._managers = {}
 
-    def _watch_root(self, inotify: Inotify) -> None:
+    def _watch_root(self, inotify: Inotify, uids: list[int]) -> None:
         """Watch the root (each uid's dirs are watched by its look); drop watches on what is gone."""
         wanted = {self.runtime_root}
-        for uid in runtime_uids(self.runtime_root):
+        for uid in uids:
             directory = posixpath.join(self.runtime_root, str(uid))
             wanted |= {directory, posixpath.join(directory, "systemd")}
         for path in set(self._watches) - wanted:
