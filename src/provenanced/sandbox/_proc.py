@@ -62,6 +62,14 @@ class SandboxError(ProvenancedError):
 # --- small process helpers -------------------------------------------------------------------
 
 
+def _tool(name: str, package: str) -> str:
+    """The system tool ``name`` on the system PATH, or one error naming the package to install."""
+    path = shutil.which(name, path=SYSTEM_PATH)
+    if path is None:
+        raise SandboxError(f"{name} is missing; install {package}")
+    return path
+
+
 def _poll(predicate: Callable[[], bool], timeout: float) -> bool:
     """Poll a condition outside our control until it holds; False once the deadline passes."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from provenanced.sandbox._proc import _CALL_TIMEOUT, SYSTEM_PATH, SandboxError, _poll
+from provenanced.sandbox._proc import _CALL_TIMEOUT, SYSTEM_PATH, SandboxError, _poll, _tool
 
 ACCOUNT_PREFIX = "pvtest-"
 _COMMENT = "provenanced test account pid={pid} start={start}"
@@ -81,13 +81,6 @@ def _run_locked(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=SYSTEM_PATH)
-    if path is None:
-        raise SandboxError(f"{name} is missing; install the passwd package")
-    return path
-
-
 def create_account(
     base_dir: Path, prefix: str = ACCOUNT_PREFIX, *, create_home: bool = True
 ) -> Account:
@@ -102,7 +95,7 @@ def create_account(
     name = f"{prefix}{secrets.token_hex(4)}"
     result = _run_locked(
         [
-            _tool("useradd"),
+            _tool("useradd", "the passwd package"),
             "--create-home" if create_home else "--no-create-home",
             "--base-dir",
             str(base_dir),
@@ -162,7 +155,7 @@ def kill_processes(uid: int) -> None:
 def remove_account(account: Account) -> None:
     """Kill the account's processes, then delete it, its group and its home; idempotent."""
     kill_processes(account.uid)
-    result = _run_locked([_tool("userdel"), "--remove", account.name])
+    result = _run_locked([_tool("userdel", "the passwd package"), "--remove", account.name])
     if result.returncode not in (0, _USERDEL_NO_SUCH_USER):
         # userdel has already dropped the passwd entry when only the home removal failed.
         with contextlib.suppress(KeyError):

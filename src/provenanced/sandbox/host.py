@@ -9,14 +9,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from provenanced.sandbox._proc import SYSTEM_PATH, SandboxError, _remove_tree
+from provenanced.sandbox._proc import SYSTEM_PATH, SandboxError, _remove_tree, _tool
 from provenanced.sandbox.accounts import (
     Account,
     create_account,
@@ -107,9 +106,7 @@ class UserSandbox(Sandbox):
 
     def _manager_command(self) -> list[str]:
         """Drop to the user (all of uid, gid, groups) after joining the cgroups, then exec."""
-        setpriv = shutil.which("setpriv", path=SYSTEM_PATH)
-        if setpriv is None:
-            raise SandboxError("setpriv is missing; install util-linux")
+        setpriv = _tool("setpriv", "util-linux")
         ids = [f"--reuid={self.account.uid}", f"--regid={self.account.gid}"]
         groups = ",".join(str(g) for g in self.account.groups)
         return [setpriv, *ids, f"--groups={groups}", "--", *super()._manager_command()]

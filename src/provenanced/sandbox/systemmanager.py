@@ -40,6 +40,7 @@ from provenanced.sandbox._proc import (
     _remove_cgroups,
     _remove_tree,
     _tail,
+    _tool,
 )
 from provenanced.sandbox.accounts import Account, create_account, remove_account
 
@@ -111,13 +112,6 @@ def _host_unit(name: str) -> Path:
         if (directory / name).exists():
             return directory / name
     raise SandboxError(f"{name} is missing from {_HOST_UNIT_DIRS[0]}; install systemd")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=SYSTEM_PATH)
-    if path is None:
-        raise SandboxError(f"{name} is missing; install util-linux")
-    return path
 
 
 class SystemSandbox:
@@ -213,7 +207,7 @@ class SystemSandbox:
             sys.executable,
             "-c",
             f"{join}; import os, sys; os.execv(sys.argv[1], sys.argv[1:])",
-            _tool("unshare"),
+            _tool("unshare", "util-linux"),
             "--pid",
             "--fork",
             "--mount",
@@ -256,7 +250,14 @@ class SystemSandbox:
         """Run a command inside the sandbox's pid and mount namespaces, as root."""
         if not self.pid:
             raise SandboxError("the system manager is not running")
-        command = [_tool("nsenter"), f"--target={self.pid}", "--mount", "--pid", "--", *argv]
+        command = [
+            _tool("nsenter", "util-linux"),
+            f"--target={self.pid}",
+            "--mount",
+            "--pid",
+            "--",
+            *argv,
+        ]
         result = subprocess.run(
             command,
             capture_output=True,
