@@ -240,35 +240,26 @@ async def _install(args: argparse.Namespace) -> int:
 
     if args.listen is not None:
         _check_listen(args.listen)
-    if args.host:
-        if args.socket:
-            raise UsageError("--socket is for the user service; the host service listens itself")
-        settings = _settings(args, host=True)
-        conn = await _connect(settings, SYSTEM_MANAGER_ADDRESS)
-        try:
-            outcome = await install_host(
-                conn,
-                now=args.now,
-                listen=args.listen,
-                configured_listen=settings.metrics.listen,
-            )
-        finally:
-            await conn.close()
-        print("\n".join(outcome.lines))
-        return EXIT_OK if outcome.ok else EXIT_FINDINGS
-    settings = _settings(args)
-    conn = await _connect(settings)
+    if args.host and args.socket:
+        raise UsageError("--socket is for the user service; the host service listens itself")
+    settings = _settings(args, host=args.host)
+    conn = await _connect(settings, SYSTEM_MANAGER_ADDRESS if args.host else None)
     try:
-        outcome = await install(
-            conn,
-            os.environ,
-            socket=args.socket,
-            now=args.now,
-            state_dir=settings.resolved_state_dir(os.environ),
-            listen=args.listen,
-            # The socket unit listens on its own (packaged) address.
-            configured_listen=socket_listen() if args.socket else settings.metrics.listen,
-        )
+        if args.host:
+            outcome = await install_host(
+                conn, now=args.now, listen=args.listen, configured_listen=settings.metrics.listen
+            )
+        else:
+            outcome = await install(
+                conn,
+                os.environ,
+                socket=args.socket,
+                now=args.now,
+                state_dir=settings.resolved_state_dir(os.environ),
+                listen=args.listen,
+                # The socket unit listens on its own (packaged) address.
+                configured_listen=socket_listen() if args.socket else settings.metrics.listen,
+            )
     finally:
         await conn.close()
     print("\n".join(outcome.lines))
