@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from provenanced.core.audit import audit, definition_hash
 from provenanced.core.incremental import IncrementalAudit
+from provenanced.core.state import AuditState, Reading, Touched
 from provenanced.core.unitpath import AUDITED_TIERS, locate
 from provenanced.model import (
     BaselineEntry,
@@ -24,6 +25,7 @@ from provenanced.model import (
     FileKind,
     Finding,
     FindingKind,
+    HomeManagerGeneration,
     Observation,
     PackagedFile,
     PackageIndex,
@@ -473,20 +475,6 @@ def changed(draw: st.DrawFn, obs: Observation) -> Observation:
     )
 
 
-def _differences(old: Observation, new: Observation) -> tuple[set[str], set[str]]:
-    """What an observer would report: the paths and the units that changed between two looks."""
-    paths = {p for p in {*old.facts, *new.facts} if old.facts.get(p) != new.facts.get(p)}
-    paths |= old.scanned_files ^ new.scanned_files
-    old_hashes, new_hashes = old.loaded_hashes or {}, new.loaded_hashes or {}
-    names = {*old.units, *new.units, *old_hashes, *new_hashes}
-    units = {
-        n
-        for n in names
-        if old.units.get(n) != new.units.get(n) or old_hashes.get(n) != new_hashes.get(n)
-    }
-    return paths, units
-
-
 class TestIncrementalAudit:
     @settings(max_examples=400, deadline=None)
     @given(st.data())
@@ -497,10 +485,27 @@ class TestIncrementalAudit:
         assert kept.findings == audit(obs, exp)
         for _ in range(data.draw(st.integers(1, 3))):
             new = data.draw(changed(obs))
-            paths, names = _differences(obs, new)
+            touched = Touched.between(obs, new)
             assert kept.fits(new, exp)
-            assert kept.update(new, paths, names) == audit(new, exp)
+            assert kept.update(new, touched.paths, touched.units) == audit(new, exp)
             obs = new
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.data())
+    def test_full_rereads_judged_by_what_differs_equal_a_full_audit(
+        self, data: st.DataObject
+    ) -> None:
+        """A state fed full re-reads (the audit kept, only what differs judged) opens exactly
+        what a full audit of its observation finds."""
+        obs, exp = data.draw(cases())
+        state, generation = AuditState(exp.managed_roots), HomeManagerGeneration()
+        for now in range(data.draw(st.integers(2, 4))):
+            reloaded = data.draw(st.booleans())
+            state.update(Reading(obs, None, generation, reloaded), float(now))
+            seen = state.observation
+            assert seen is not None
+            assert set(state.findings) == {f.key for f in audit(seen, state.expectations)}
+            obs = data.draw(changed(obs))
 
     def test_a_managed_fragment_that_goes_ends_the_shadow(self) -> None:
         """The unit whose managed fragment changed is judged again, though nothing names the path."""

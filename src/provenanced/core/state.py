@@ -36,6 +36,22 @@ class Touched:
     paths: frozenset[str] = frozenset()
     units: frozenset[str] = frozenset()
 
+    @classmethod
+    def between(cls, old: Observation, new: Observation) -> Touched:
+        """What differs from ``old`` to ``new``: what a partial re-read would have reported."""
+        old_facts, new_facts = old.facts, new.facts
+        paths = {p for p, fact in new_facts.items() if old_facts.get(p) != fact}
+        paths.update(p for p in old_facts if p not in new_facts)
+        paths.update(old.scanned_files ^ new.scanned_files)
+        old_hashes, new_hashes = old.loaded_hashes or {}, new.loaded_hashes or {}
+        names = {*old.units, *new.units, *old_hashes, *new_hashes}
+        units = {
+            n
+            for n in names
+            if old.units.get(n) != new.units.get(n) or old_hashes.get(n) != new_hashes.get(n)
+        }
+        return cls(frozenset(paths), frozenset(units))
+
 
 @dataclass(frozen=True, slots=True)
 class Reading:
@@ -138,15 +154,21 @@ class AuditState:
             self._generation, self._exp = reading.generation, None
         if reading.touched is None and reading.packages is not self._packages:
             self._packages, self._exp = reading.packages, None
+        previous = self.observation
         obs = self._with_loaded_hashes(reading)
         self.observation = obs
         exp = self.expectations
-        if reading.touched is None or self._audit is None or not self._audit.fits(obs, exp):
+        touched = reading.touched
+        if touched is None and previous is not None:
+            # A full re-read mostly finds what was there: judging only what differs costs a
+            # comparison per unit and file instead of a whole audit.
+            touched = Touched.between(previous, obs)
+        if touched is None or self._audit is None or not self._audit.fits(obs, exp):
             self._audit = None  # let the old one go first: two at once set the RSS peak
             self._audit = IncrementalAudit(obs, exp)
             found = self._audit.findings
         else:
-            found = self._audit.update(obs, reading.touched.paths, reading.touched.units)
+            found = self._audit.update(obs, touched.paths, touched.units)
         return self._diff((*found, *self._jobs.findings()), now)
 
     def record_job(
@@ -173,7 +195,8 @@ class AuditState:
             if reading.manager_reloaded:
                 self._loaded_hashes = {}
             for name, unit in obs.units.items():
-                self._loaded_hashes.setdefault(name, definition_hash(unit, obs.facts))
+                if name not in self._loaded_hashes:
+                    self._loaded_hashes[name] = definition_hash(unit, obs.facts)
             self._published_hashes = frozen_map(self._loaded_hashes)
         else:
             gone: list[str] = []

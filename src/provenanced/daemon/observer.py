@@ -53,6 +53,7 @@ from provenanced.systemd.bus import ManagerConnection
 from provenanced.systemd.names import dropin_dirs_for, is_valid_unit_name, template_of
 
 T = TypeVar("T")
+_NO_GENERATION = HomeManagerGeneration()
 log = structlog.get_logger("provenanced.observer")
 
 
@@ -203,7 +204,7 @@ class Observer:
                 quadlet_source_dirs(self.dirs, self.uid),
             )
         else:
-            self._generation = HomeManagerGeneration()
+            self._generation = _NO_GENERATION  # the same object each time: the same expectations
         generation = self._generation
         packages = self.read_packages(unit_dirs, keep=keep_packages)
         scanned = await self._off_loop(
