@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from provenanced.model import DaemonStatus
+from provenanced.sinks import exposition as sinks_exposition
 from provenanced.sinks.exposition import Exposition
 
 
@@ -60,3 +64,59 @@ class TestHostStatuses:
         published["carol"] = carol
         exposition.render("", False)
         assert counting.renders == 3
+
+
+class TestFamilies:
+    """A render after a change re-encodes only the families that moved, to the same bytes."""
+
+    OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+    def _registry(self) -> tuple[CollectorRegistry, Counter, Gauge, list[int]]:
+        registry = CollectorRegistry()
+        moves = Counter("moves", "Moves.", ["kind"], registry=registry)
+        level = Gauge("level", "Level.", registry=registry)
+        version = [0]
+        return registry, moves, level, version
+
+    def test_every_render_equals_a_whole_encoding(self) -> None:
+        """Text and OpenMetrics, after families move, appear and vanish: byte for byte the same."""
+        registry, moves, level, version = self._registry()
+        exposition = Exposition(registry, lambda: None, lambda: version[0])
+        for accept, encode in (("", generate_latest), (self.OPENMETRICS, openmetrics_latest)):
+            for step in range(4):
+                moves.labels(kind=f"k{step % 2}").inc()
+                level.set(step)
+                if step == 2:
+                    registry.unregister(level)
+                version[0] += 1
+                body, _ = exposition.render(accept, False)
+                assert body == encode(registry)
+            registry.register(level)
+
+    def test_an_unchanged_family_is_not_encoded_again(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Only the family that moved is encoded anew; the other's bytes are reused."""
+        encoded: list[str] = []
+
+        def spying(accept: str) -> tuple[Callable[..., bytes], str]:
+            encoder, content_type = choose_encoder(accept)
+
+            def counted(collector: Any) -> bytes:
+                encoded.extend(m.name for m in collector.collect())
+                return encoder(collector)
+
+            return counted, content_type
+
+        monkeypatch.setattr(sinks_exposition, "choose_encoder", spying)
+        registry, moves, level, version = self._registry()
+        moves.labels(kind="k0").inc()
+        exposition = Exposition(registry, lambda: None, lambda: version[0])
+        exposition.render("", False)
+        assert {"moves", "level"} <= set(encoded)
+        encoded.clear()
+        level.set(7)
+        version[0] += 1
+        body, _ = exposition.render("", False)
+        assert body == generate_latest(registry)
+        assert "level" in encoded and "moves" not in encoded
