@@ -91,6 +91,9 @@ class Telemetry:
         user: list[str] = ["user"] if host else []
         self._user: dict[str, str] = {}
         self._retired = False
+        self._dbus_children: dict[
+            tuple[str, str], Counter
+        ] = {}  # this view's, by method and result
         self._reload_triggers = tuple(reload_triggers)
         self._detected = Counter(
             "provenanced_findings_detected",
@@ -183,6 +186,7 @@ class Telemetry:
         """The view an engine following ``name``'s manager records to: same series, its label."""
         view = copy.copy(self)
         view._user = {"user": name}
+        view._dbus_children = {}
         view._preinitialise(self._reload_triggers)
         return view
 
@@ -252,7 +256,13 @@ class Telemetry:
     @_counts
     def record_dbus_call(self, method: str, result: str) -> None:
         """Count one D-Bus call to the manager and its outcome ("ok", "error" or "timeout")."""
-        self._labels(self._dbus_calls, method=method, result=result).inc()
+        # Once per call, a thousand per full resync: the labelled child is looked up once.
+        child = self._dbus_children.get((method, result))
+        if child is None:
+            child = self._dbus_children[method, result] = self._labels(
+                self._dbus_calls, method=method, result=result
+            )
+        child.inc()
 
     @_counts
     def record_reconnect(self) -> None:
