@@ -159,11 +159,12 @@ class AuditState:
         self.observation = obs
         exp = self.expectations
         touched = reading.touched
-        if touched is None and previous is not None:
+        kept = self._audit is not None and self._audit.fits(obs, exp)
+        if kept and touched is None and previous is not None:
             # A full re-read mostly finds what was there: judging only what differs costs a
             # comparison per unit and file instead of a whole audit.
             touched = Touched.between(previous, obs)
-        if touched is None or self._audit is None or not self._audit.fits(obs, exp):
+        if self._audit is None or not kept or touched is None:
             self._audit = None  # let the old one go first: two at once set the RSS peak
             self._audit = IncrementalAudit(obs, exp)
             found = self._audit.findings

@@ -91,9 +91,8 @@ class Telemetry:
         user: list[str] = ["user"] if host else []
         self._user: dict[str, str] = {}
         self._retired = False
-        self._dbus_children: dict[
-            tuple[str, str], Counter
-        ] = {}  # this view's, by method and result
+        # This view's labelled D-Bus call counters, by method and result: looked up once each.
+        self._dbus_children: dict[tuple[str, str], Counter] = {}
         self._reload_triggers = tuple(reload_triggers)
         self._detected = Counter(
             "provenanced_findings_detected",
@@ -256,7 +255,6 @@ class Telemetry:
     @_counts
     def record_dbus_call(self, method: str, result: str) -> None:
         """Count one D-Bus call to the manager and its outcome ("ok", "error" or "timeout")."""
-        # Once per call, a thousand per full resync: the labelled child is looked up once.
         child = self._dbus_children.get((method, result))
         if child is None:
             child = self._dbus_children[method, result] = self._labels(
