@@ -25,15 +25,13 @@ from pathlib import Path
 from bench.changes import Change, plan_changes, run_changes
 from bench.cli import _exit_on_signal
 from bench.daemonproc import DaemonError, DaemonProcess
-from bench.proc import sample
-from bench.run import _sandbox, log
+from bench.run import _sandbox, hangup_resync, log
 from bench.stats import ms
 from bench.tree import generate
 from provenanced.errors import ProvenancedError
 from provenanced.sandbox import ensure_journald
 
 _ROOT = Path(__file__).resolve().parent.parent
-_RESYNC = "provenanced_resync_duration_seconds"
 
 
 @dataclass
@@ -62,20 +60,10 @@ def _sources(rev: str, into: Path) -> Path:
 
 def _round(side: Side, daemon: DaemonProcess, resyncs: int, changes: list[Change]) -> None:
     for _ in range(resyncs):
-        before = daemon.metrics()
-        cpu = daemon.proc().cpu_seconds
-        manager_cpu = sample(daemon.sandbox.manager_pid).cpu_seconds
-        daemon.hangup()
-        deadline = time.perf_counter() + 120
-        while (after := daemon.metrics()).get(f"{_RESYNC}_count", 0) <= before.get(
-            f"{_RESYNC}_count", 0
-        ):
-            if time.perf_counter() > deadline:
-                raise DaemonError("no full resync within 120 s of SIGHUP")
-            time.sleep(0.05)
-        side.resyncs.append(after[f"{_RESYNC}_sum"] - before.get(f"{_RESYNC}_sum", 0.0))
-        side.resync_cpu.append(daemon.proc().cpu_seconds - cpu)
-        side.manager_cpu.append(sample(daemon.sandbox.manager_pid).cpu_seconds - manager_cpu)
+        resync = hangup_resync(daemon)
+        side.resyncs.append(resync.seconds)
+        side.resync_cpu.append(resync.cpu)
+        side.manager_cpu.append(resync.manager_cpu)
     daemon.scrape()
     for _ in range(100):
         side.scrapes.append(daemon.scrape().seconds)

@@ -267,31 +267,49 @@ def _profile(
     )
 
 
-def _resyncs(plan: Plan, daemon: DaemonProcess, result: Result) -> None:
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """One SIGHUP resync: its duration by the daemon's histogram, the CPU both sides spent."""
+
+    seconds: float
+    cpu: float  # the daemon's, from SIGHUP to the scrape that shows it (config reload, polls)
+    manager_cpu: float
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+def hangup_resync(daemon: DaemonProcess) -> Resync:
     """SIGHUP: the daemon re-reads its config and resyncs everything; timed by its histogram."""
     name = "provenanced_resync_duration_seconds"
+    before = daemon.metrics()
+    cpu, manager_cpu = daemon.proc().cpu_seconds, sample(daemon.sandbox.manager_pid).cpu_seconds
+    daemon.hangup()
+    deadline = time.perf_counter() + 120
+    while (after := daemon.metrics()).get(f"{name}_count", 0) <= before.get(f"{name}_count", 0):
+        if time.perf_counter() > deadline:
+            raise DaemonError("no full resync within 120 s of SIGHUP")
+        time.sleep(0.05)
+    return Resync(
+        after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0),
+        daemon.proc().cpu_seconds - cpu,
+        sample(daemon.sandbox.manager_pid).cpu_seconds - manager_cpu,
+        before,
+        after,
+    )
+
+
+def _resyncs(plan: Plan, daemon: DaemonProcess, result: Result) -> None:
     calls = "provenanced_dbus_calls_total"
     dbus: list[float] = []
     ours: list[float] = []
     theirs: list[float] = []
     for _ in range(plan.resyncs):
-        before = daemon.metrics()
-        # CPU from SIGHUP to the scrape that shows the resync: the config reload and our 50 ms
-        # polls are in it too.
-        cpu, manager_cpu = daemon.proc().cpu_seconds, sample(daemon.sandbox.manager_pid).cpu_seconds
-        daemon.hangup()
-        deadline = time.perf_counter() + 120
-        while True:
-            after = daemon.metrics()
-            if after.get(f"{name}_count", 0) > before.get(f"{name}_count", 0):
-                break
-            if time.perf_counter() > deadline:
-                raise DaemonError("no full resync within 120 s of SIGHUP")
-            time.sleep(0.05)
-        ours.append(daemon.proc().cpu_seconds - cpu)
-        theirs.append(sample(daemon.sandbox.manager_pid).cpu_seconds - manager_cpu)
-        result.resyncs.append(after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0))
-        dbus.append(_total(after, calls) - _total(before, calls))
+        resync = hangup_resync(daemon)
+        ours.append(resync.cpu)
+        theirs.append(resync.manager_cpu)
+        result.resyncs.append(resync.seconds)
+        after = resync.after
+        dbus.append(_total(after, calls) - _total(resync.before, calls))
         result.units_audited = _total(after, "provenanced_units")
     result.dbus_calls_per_resync = median(dbus)
     result.resync_cpu = (median(ours), median(theirs))
