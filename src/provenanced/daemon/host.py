@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from provenanced.daemon import notify
 from provenanced.daemon.discovery import Logind, RuntimeDirs, UserManager
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
-from provenanced.daemon.reload import keeping, reload_on_request
+from provenanced.daemon.reload import keeping, reload_on_request, signal_events
 from provenanced.daemon.tasks import run_until
 from provenanced.daemon.userpolicy import (
     UserPolicy,
@@ -330,11 +329,7 @@ async def serve_host(
         raise ConfigError("host mode reads every user's manager and must run as root")
     daemon = HostDaemon(settings, load=load)
     daemon.start_http()
-    stop, hup = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    stop, hup = signal_events()
     log.info(
         "daemon.starting",
         pid=os.getpid(),

@@ -1,8 +1,9 @@
-"""SIGHUP: re-read the configuration, in user mode and host mode alike."""
+"""Signals: stop on SIGTERM or SIGINT, re-read the configuration on SIGHUP (user and host mode)."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,16 @@ from provenanced.config import Settings
 from provenanced.daemon import notify
 
 log = structlog.get_logger("provenanced.daemon")
+
+
+def signal_events() -> tuple[asyncio.Event, asyncio.Event]:
+    """Events the running loop sets on SIGTERM or SIGINT (stop) and on SIGHUP (reload)."""
+    stop, hup = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    return stop, hup
 
 
 def value_of(settings: Settings, key: str) -> Any:

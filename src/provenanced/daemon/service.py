@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,7 +15,7 @@ from provenanced.config import Settings, load_settings
 from provenanced.daemon import notify
 from provenanced.daemon.engine import Engine
 from provenanced.daemon.liveness import LoopProbe
-from provenanced.daemon.reload import reload_on_request
+from provenanced.daemon.reload import reload_on_request, signal_events
 from provenanced.daemon.tasks import run_until
 from provenanced.fs.iothread import IoThread
 from provenanced.model import DaemonStatus
@@ -119,11 +118,7 @@ async def serve(settings: Settings, config_path: Path | None) -> None:
     """The ``provenanced run`` entry: signals set events, the daemon does the rest."""
     daemon = Daemon(settings, config_path)
     daemon.start_http()
-    stop, hup = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    stop, hup = signal_events()
     log.info("daemon.starting", pid=os.getpid(), listen=settings.metrics.listen)
     await daemon.run(stop, hup)
     log.info("daemon.stopped")
