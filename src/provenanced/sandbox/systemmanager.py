@@ -26,13 +26,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from provenanced.sandbox._proc import (
     _CALL_TIMEOUT,
     SYSTEM_PATH,
     SYSTEMD_BINARY,
     SandboxError,
+    StartStop,
     _cgroup_hierarchies,
     _cgroup_pids,
     _pid_alive,
@@ -114,7 +114,7 @@ def _host_unit(name: str) -> Path:
     raise SandboxError(f"{name} is missing from {_HOST_UNIT_DIRS[0]}; install systemd")
 
 
-class SystemSandbox:
+class SystemSandbox(StartStop):
     """A throw-away system manager (PID 1 of its namespaces) and real users' managers under it."""
 
     def __init__(self, *, keep: bool = False, timeout: float = 30.0) -> None:
@@ -143,22 +143,6 @@ class SystemSandbox:
         ] / f"provenanced-system-{secrets.token_hex(6)}"
         self._stopped = False
         atexit.register(self.stop)
-
-    def __enter__(self) -> SystemSandbox:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def path(self, inside: Path | str) -> Path:
         """Where a path of the namespace (under one of the bound directories) is on the host."""

@@ -12,7 +12,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from provenanced.sandbox._proc import (
@@ -24,6 +23,7 @@ from provenanced.sandbox._proc import (
     SYSTEM_PATH,
     SYSTEMD_BINARY,
     SandboxError,
+    StartStop,
     _cgroup_hierarchies,
     _cgroup_pids,
     _end_group,
@@ -46,7 +46,7 @@ from provenanced.sandbox.quadlet import install_generator
 # --- the sandboxed manager -------------------------------------------------------------------
 
 
-class Sandbox:
+class Sandbox(StartStop):
     """A private `systemd --user` in its own HOME and runtime dir; never the caller's manager."""
 
     def __init__(
@@ -84,24 +84,6 @@ class Sandbox:
         self._cgroups: list[Path] = []
         # The tree exists from here on; make sure an abandoned sandbox still goes away.
         atexit.register(self.stop)
-
-    # context manager
-
-    def __enter__(self) -> Sandbox:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # addresses and environment
 
